@@ -1,0 +1,295 @@
+"""The run config: YAML in, validated frozen models out, every mistake named by file:line and field path.
+
+Precedence: `--set` overrides > YAML > defaults. Unknown keys are errors, with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from runner.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds from `3`, `3s`, `500ms`, `2m`, `1h` (a number alone is seconds)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 3, 3s, 500ms or 2m")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"expected a duration such as 3, 3s, 500ms or 2m, found {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+TaskRef = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
+PoolName = Annotated[str, Field(pattern=r"^[A-Za-z][\w-]*$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QueueConfig(_Model):
+    maxsize: int = Field(100, ge=1)  #: jobs waiting per consumer pool before producers block
+    batch: int = Field(256, ge=1, le=65536)  #: most jobs moved in one message on any hop
+
+
+class ProducerConfig(_Model):
+    name: PoolName
+    task: TaskRef
+    processes: int = Field(1, ge=1)
+    to: str | None = None  #: target consumer pool; optional when there is only one
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ConsumerConfig(_Model):
+    name: PoolName
+    task: TaskRef
+    processes: int = Field(1, ge=1)
+    min_processes: int = Field(1, ge=0)
+    idle_timeout: Duration | None = None  #: None: never retire an idle process
+    retries: int = Field(0, ge=0)
+    retry_backoff: Duration = 0.5  #: doubles with each further attempt, at most 60s
+    job_timeout: Duration | None = None
+    max_jobs_per_process: int | None = Field(None, ge=1)
+    restart_limit: int = Field(5, ge=1)  #: crashes in a row with no job finished before the pool fails
+    to: str | None = None  #: default pool for ctx.emit
+    params: dict[str, Any] = Field(default_factory=dict)  #: passed to the task as ctx.params
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> ConsumerConfig:
+        if self.min_processes > self.processes:
+            raise ValueError(f"min_processes ({self.min_processes}) is above processes ({self.processes})")
+        return self
+
+
+class ShutdownConfig(_Model):
+    grace: Duration = 10.0
+
+
+class LogsConfig(_Model):
+    dir: str = "logs"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    jobs: Literal["none", "failures", "all"] = "failures"
+    progress_interval: Duration = 1.0
+
+
+class TransportConfig(_Model):
+    bind: str | None = None  #: e.g. tcp://0.0.0.0:5555 to accept remote workers
+
+
+class HeartbeatConfig(_Model):
+    interval: Duration = 1.0
+    timeout: Duration = 5.0
+
+
+class RunConfig(_Model):
+    name: PoolName
+    queue: QueueConfig = QueueConfig()
+    producers: list[ProducerConfig] = Field(min_length=1)
+    consumers: list[ConsumerConfig] = Field(min_length=1)
+    shutdown: ShutdownConfig = ShutdownConfig()
+    results: str | None = None
+    logs: LogsConfig = LogsConfig()
+    start_method: Literal["fork", "spawn", "forkserver"] = "forkserver"
+    transport: TransportConfig = TransportConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+
+    @model_validator(mode="after")
+    def _pools_fit_together(self) -> RunConfig:
+        names = [p.name for p in self.producers] + [c.name for c in self.consumers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pool names must be unique, found {', '.join(dupes)} twice")
+        consumers = [c.name for c in self.consumers]
+        for producer in self.producers:
+            if producer.to is None and len(consumers) > 1:
+                raise ValueError(f"producer {producer.name!r} needs `to:` (one of {', '.join(consumers)})")
+            if producer.to is not None and producer.to not in consumers:
+                hint = _did_you_mean(producer.to, consumers)
+                raise ValueError(f"producer {producer.name!r} sends to unknown pool {producer.to!r}{hint}")
+        for consumer in self.consumers:
+            if consumer.to is not None and consumer.to not in consumers:
+                hint = _did_you_mean(consumer.to, consumers)
+                raise ValueError(f"consumer {consumer.name!r} emits to unknown pool {consumer.to!r}{hint}")
+        return self
+
+    def target_of(self, producer: ProducerConfig) -> str:
+        return producer.to or self.consumers[0].name
+
+    def pool(self, name: str) -> ProducerConfig | ConsumerConfig:
+        for pool in [*self.producers, *self.consumers]:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)
+
+
+class Config(_Model):
+    """A validated run config plus where it came from (the folder goes on the import path)."""
+
+    run: RunConfig
+    path: str
+    base_dir: str
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config; raise ConfigError with every problem at once."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(path, exc)) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the config must be a mapping of keys (name, producers, consumers, ...)")
+    for override in overrides or []:
+        _apply_override(data, override)
+    try:
+        run = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_schema_errors(path, root, data, exc)) from exc
+    return Config(run=run, path=str(path), base_dir=str(path.resolve().parent))
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    detail = f"{problem} ({context})" if context else problem
+    return f"{where}: malformed YAML: {detail}"
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply `a.b.c=value`; list items (producers, consumers) are addressed by pool name or index."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. consumers.eater.processes=8")
+    value = yaml.safe_load(raw) if raw else ""
+    node: Any = data
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            found = [item for item in node if isinstance(item, dict) and item.get("name") == part]
+            if found:
+                index = node.index(found[0])
+            elif part.isdigit() and int(part) < len(node):
+                index = int(part)
+            else:
+                names = [str(item.get("name")) for item in node if isinstance(item, dict)]
+                raise ConfigError(f"--set {key}: no pool {part!r}{_did_you_mean(part, names)}")
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])} is not a mapping")
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _node_at(root: Any, loc: tuple[Any, ...]) -> Any:
+    """The YAML node for a pydantic error location, to report its line."""
+    node = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == part]
+            if not match:
+                return node
+            node = match[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return node
+    return node
+
+
+def _key_node(root: Any, loc: tuple[Any, ...]) -> Any:
+    """The node of the key itself (for unknown keys, whose value may span lines)."""
+    parent = _node_at(root, loc[:-1])
+    if isinstance(parent, yaml.MappingNode):
+        for key, _ in parent.value:
+            if key.value == loc[-1]:
+                return key
+    return parent
+
+
+def _field_path(data: Any, loc: tuple[Any, ...]) -> str:
+    """`consumers[0] (eater).retries` style path: index and the pool name a person recognises."""
+    text = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            name = node[part].get("name") if isinstance(node, list) and part < len(node) and isinstance(node[part], dict) else None
+            text += f"[{part}]" + (f" ({name})" if name else "")
+        else:
+            text += ("." if text else "") + str(part)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return text or "(top level)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def _schema_errors(path: Path, root: Any, data: Any, exc: ValidationError) -> str:
+    lines = [f"{path}: {exc.error_count()} problem(s) in the config:"]
+    for error in exc.errors():
+        loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        node = _key_node(root, loc) if error["type"] == "extra_forbidden" and loc else _node_at(root, loc)
+        line = f"{path}:{node.start_mark.line + 1}" if node is not None and hasattr(node, "start_mark") else str(path)
+        where = _field_path(data, loc)
+        if error["type"] == "extra_forbidden":
+            model = _model_at(loc[:-1])
+            fields = list(model.model_fields) if model else []
+            message = f"unknown key {loc[-1]!r}{_did_you_mean(str(loc[-1]), fields)}"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        else:
+            found = error.get("input")
+            message = error["msg"].removeprefix("Value error, ")
+            if not isinstance(found, (dict, list)) and "found" not in message:
+                message += f", found {found!r}"
+        lines.append(f"  {line}: {where}: {message}")
+    return "\n".join(lines)

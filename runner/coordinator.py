@@ -1,0 +1,554 @@
+"""The coordinator: one process that owns the run's ledger, its processes, its files and its log.
+
+Shutdown order (signals only set flags; the loop acts):
+  1st SIGINT/SIGTERM: stop dispatching; producers stop at their next job; consumers finish the job in
+     hand and exit; after `shutdown.grace` whatever remains is SIGKILLed. Unfinished jobs go to
+     <run_id>.pending.jsonl. Exit 130 / 143.
+  2nd signal: SIGKILL everything now; pending is still written.
+End of run: every producer ended and every job settled -> consumers get STOP(done) at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import IO, Any
+
+from runner import logs, protocol
+from runner.config import Config, ConsumerConfig
+from runner.errors import ExitCode, ProtocolError
+from runner.ledger import Batch, Job, Ledger
+from runner.locks import LockTable
+from runner.pool import LocalProcesses, Proc
+from runner.progress import Progress
+from runner.protocol import BATCH, CREDIT, END, FATAL, GRANT, INVALID, LOCK, LOG, READY, REPORT, STOP
+
+#: batches a consumer holds at once: one running, one ready to start
+PREFETCH = 2
+#: a batch should take about this long, so slow jobs spread over every process
+TARGET_BATCH_S = 0.02
+#: supervision tick when nothing happens (job timeouts, idle processes, retries)
+TICK_S = 0.1
+
+
+def make_run_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+class Coordinator:
+    def __init__(self, config: Config, progress: Progress) -> None:
+        self.config = config
+        run = self.run_cfg = config.run
+        self.run_id = make_run_id(run.name)
+        log_dir = Path(run.logs.dir)
+        self.log_path = log_dir / f"{self.run_id}.jsonl"
+        self.dead_path = log_dir / f"{self.run_id}.dead.jsonl"
+        self.pending_path = log_dir / f"{self.run_id}.pending.jsonl"
+        self.progress = progress
+        self.runlog = logs.RunLog(self.log_path, run.logs.level, progress.console, progress.tty)
+        self.log = logs.configure(run.logs.level, self.runlog.write, run_id=self.run_id, role="coordinator", pool=None, worker="coordinator")
+        self.results: IO[str] | None = None
+        if run.results:
+            Path(run.results).parent.mkdir(parents=True, exist_ok=True)
+            self.results = open(run.results, "a", encoding="utf-8")
+        self._dead: IO[str] | None = None
+        self.procs = LocalProcesses(run.start_method, logs.HOST)
+        self.consumers = {c.name: c for c in run.consumers}
+        self.ledger = Ledger(list(self.consumers))
+        self.locks = LockTable()
+        self.state = "running"  # running -> draining (done) | stopping (signal, failure) -> over
+        self.signals: deque[int] = deque()
+        self.stop_signal: int | None = None
+        self.failure: str | None = None
+        self.deadline: float | None = None
+        self.started = time.monotonic()
+        self.producers_open = 0
+        self.producer_failed = False
+        self.credit: dict[str, int] = {}  #: jobs each live producer may still send
+        self.crash_streak = {pool: 0 for pool in self.consumers}
+        self.restarts: list[tuple[float, str, int, int]] = []  #: (due, pool, index, restart)
+        self.worker_stats: dict[str, dict[str, Any]] = {}
+        self.emits_to: dict[str, set[str]] = {pool: set() for pool in self.consumers}
+        self.mean_job_s: dict[str, float] = {}
+        self.last_full: dict[str, float] = {}
+        self.next_progress = 0.0
+        self._last_done = 0
+        self._wake_r, self._wake_w = os.pipe()
+
+    # -- life of the run --------------------------------------------------------------------
+    def run(self) -> ExitCode:
+        run = self.run_cfg
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda s, f: self.signals.append(s))
+        pools = {p.name: {"role": "producer", "processes": p.processes, "task": p.task} for p in run.producers}
+        pools.update({c.name: {"role": "consumer", "processes": c.processes, "task": c.task} for c in run.consumers})
+        self.log.info("run.started", name=run.name, config=self.config.path, start_method=run.start_method, pools=pools,
+                      log_file=str(self.log_path), results=run.results, coordinator_pid=os.getpid())
+        for producer in run.producers:
+            share = max(1, run.queue.maxsize // sum(p.processes for p in run.producers if run.target_of(p) == run.target_of(producer)))
+            for index in range(1, producer.processes + 1):
+                self._start_producer(producer.name, index, share)
+        for consumer in run.consumers:
+            for index in range(1, consumer.processes + 1):
+                self._start_consumer(consumer, index)
+        self.progress.start(self)
+        try:
+            while self.state != "over":
+                self._step()
+        finally:
+            self.progress.stop()
+            signal.set_wakeup_fd(-1)
+        return self._finish()
+
+    def _step(self) -> None:
+        """One iteration: wait for a frame, an exit, a signal or the next timer; then act."""
+        readable, ended = self.procs.wait(self._timeout(), [self._wake_r])
+        for proc in readable:
+            self._read(proc)
+        for proc in ended:
+            self._read(proc)  # whatever it wrote before it died counts
+            self._on_exit(proc)
+        try:
+            os.read(self._wake_r, 512)
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        self._handle_signals(now)
+        self._tick(now)
+
+    def _timeout(self) -> float:
+        timeout = TICK_S
+        retry = self.ledger.next_retry_at()
+        if retry is not None:
+            timeout = min(timeout, max(0.0, retry - time.monotonic()))
+        return timeout
+
+    def _handle_signals(self, now: float) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            if self.state in ("running", "draining") and self.stop_signal is None:
+                self.stop_signal = signum
+                self._begin_stop(now, f"{signal.Signals(signum).name} received")
+            else:
+                self.log.warning("run.stopping", signal=signal.Signals(signum).name, reason="second signal: stopping now")
+                self.procs.signal_all(signal.SIGKILL, "killed: stop requested twice")
+
+    def _begin_stop(self, now: float, reason: str) -> None:
+        """Graceful stop: no new work; producers stop; consumers finish the job in hand."""
+        grace = self.run_cfg.shutdown.grace
+        self.log.warning("run.stopping", signal=signal.Signals(self.stop_signal).name if self.stop_signal else None, reason=reason, grace_s=grace)
+        self.state = "stopping"
+        self.deadline = now + grace
+        self.restarts.clear()
+        for proc in list(self.procs.procs.values()):
+            self._stop(proc, "stopped")
+        self.procs.signal_all(signal.SIGTERM)
+
+    def _fail(self, now: float, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+        if self.state in ("running", "draining"):
+            self._begin_stop(now, reason)
+
+    # -- timers ------------------------------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        due = self.ledger.due_retries(now)
+        if due:
+            self.ledger.regroup(due, front=True)
+        self._check_job_timeouts(now)
+        if self.state == "running":
+            self._start_due_restarts(now)
+            self._dispatch(now)
+            self._manage_pools(now)
+            if self.producers_open == 0 and self.ledger.settled() and not self.restarts:
+                self.state = "draining"
+                for proc in list(self.procs.procs.values()):
+                    self._stop(proc, "done")
+        if self.state in ("stopping", "draining") and self.deadline is not None and now > self.deadline:
+            self.procs.signal_all(signal.SIGKILL, f"killed: still running {self.run_cfg.shutdown.grace:g}s after the stop")
+            self.deadline = None
+        if not self.procs.procs and self.state in ("stopping", "draining"):
+            self.state = "over"
+        if now >= self.next_progress:
+            self.next_progress = now + self.run_cfg.logs.progress_interval
+            self._log_progress(now)
+        self.progress.update(self)
+
+    def _check_job_timeouts(self, now: float) -> None:
+        for proc in list(self.procs.procs.values()):
+            cfg = self.consumers.get(proc.pool)
+            if cfg is None or cfg.job_timeout is None or proc.kill_reason:
+                continue
+            started = proc.job_started_at()
+            if started and now - started > cfg.job_timeout:
+                running = proc.running_job()
+                batch = self.ledger.in_flight.get(running[0]) if running else None
+                job = f"job {batch.job_id(running[1])}" if batch and running else "a job"
+                self.procs.signal(proc, signal.SIGKILL, f"{job} exceeded job_timeout {cfg.job_timeout:g}s")
+
+    def _start_due_restarts(self, now: float) -> None:
+        for item in [r for r in self.restarts if r[0] <= now]:
+            self.restarts.remove(item)
+            _, pool, index, restart = item
+            self._start_consumer(self.consumers[pool], index, restart)
+
+    # -- processes ---------------------------------------------------------------------------
+    def _spec(self) -> dict[str, Any]:
+        run = self.run_cfg
+        return {
+            "run_id": self.run_id, "run_name": run.name, "base_dir": self.config.base_dir, "log_level": run.logs.level,
+            "jobs_log": run.logs.jobs, "results": bool(run.results), "batch": run.queue.batch, "pools": list(self.consumers),
+        }
+
+    def _start_producer(self, name: str, index: int, credit: int) -> None:
+        cfg = self.run_cfg.pool(name)
+        spec = {**self._spec(), "task": cfg.task, "params": cfg.params, "target": self.run_cfg.target_of(cfg), "credit": credit}  # type: ignore[arg-type]
+        proc = self.procs.start(f"{name}-{index}", name, "producer", index, spec)
+        self.credit[proc.name] = credit
+        self.producers_open += 1
+        self._stats(proc)
+
+    def _start_consumer(self, cfg: ConsumerConfig, index: int, restart: int = 0) -> None:
+        spec = {**self._spec(), "task": cfg.task, "params": cfg.params, "emit_to": cfg.to}
+        proc = self.procs.start(f"{cfg.name}-{index}", cfg.name, "consumer", index, spec, restart)
+        proc.idle_since = time.monotonic()
+        stats = self._stats(proc)
+        stats["restarts"] += 1 if restart else 0
+
+    def _stats(self, proc: Proc) -> dict[str, Any]:
+        return self.worker_stats.setdefault(proc.name, {"pool": proc.pool, "host": proc.host, "done": 0, "failed": 0, "crashes": 0, "restarts": 0})
+
+    def _send(self, proc: Proc, message: list[Any]) -> None:
+        self.procs.send(proc, protocol.pack(message))
+
+    def _stop(self, proc: Proc, reason: str) -> None:
+        if proc.stop_reason is None:
+            proc.stop_reason = reason
+            self._send(proc, [STOP, reason])
+
+    def _pool_procs(self, pool: str) -> list[Proc]:
+        return [p for p in self.procs.procs.values() if p.pool == pool and p.stop_reason is None]
+
+    def _manage_pools(self, now: float) -> None:
+        """Idle processes retire above min_processes; a backed-up queue brings processes back."""
+        work_may_come = self.producers_open > 0 or not self.ledger.settled()
+        for name, cfg in self.consumers.items():
+            alive = self._pool_procs(name)
+            for proc in alive:
+                if cfg.max_jobs_per_process and proc.assigned >= cfg.max_jobs_per_process and not proc.outstanding:
+                    self._stop(proc, "recycled")  # its slot gets a fresh process when it has exited
+            alive = self._pool_procs(name)
+            if cfg.idle_timeout is not None:
+                idle = [p for p in alive if p.ready and not p.outstanding and now - p.idle_since > cfg.idle_timeout]
+                for proc in idle[: max(0, len(alive) - cfg.min_processes)]:
+                    self._stop(proc, "idle")
+            alive = self._pool_procs(name)
+            starting = sum(1 for r in self.restarts if r[1] == name)
+            want = 0
+            if work_may_come and len(alive) + starting < cfg.min_processes:
+                want = cfg.min_processes - len(alive) - starting
+            busy = all(len(p.outstanding) >= PREFETCH or not p.ready for p in alive)
+            if self.ledger.queued(name) and busy and len(alive) + starting < cfg.processes:
+                want = max(want, 1)
+            used = {p.index for p in self.procs.procs.values() if p.pool == name} | {r[2] for r in self.restarts if r[1] == name}
+            for index in [i for i in range(1, cfg.processes + 1) if i not in used][:want]:
+                self._start_consumer(cfg, index)
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def _batch_size(self, pool: str) -> int:
+        mean = self.mean_job_s.get(pool)
+        most = self.run_cfg.queue.batch
+        if mean is None:
+            return min(most, 8)
+        return max(1, min(most, int(TARGET_BATCH_S / mean) if mean > 0 else most))
+
+    def _dispatch(self, now: float) -> None:
+        maxsize = self.run_cfg.queue.maxsize
+        for pool, cfg in self.consumers.items():
+            if not self.ledger.pending[pool]:
+                continue
+            if any(self.ledger.queued(down) >= maxsize for down in self.emits_to[pool]):
+                continue  # backpressure on a stage whose downstream queue is full
+            size = self._batch_size(pool)
+            for proc in self._pool_procs(pool):
+                while proc.ready and len(proc.outstanding) < PREFETCH and self.ledger.pending[pool]:
+                    most = size
+                    if cfg.max_jobs_per_process:
+                        most = min(most, cfg.max_jobs_per_process - proc.assigned)
+                        if most <= 0:
+                            break
+                    batch = self.ledger.take(pool, most, proc.name)
+                    assert batch is not None
+                    self._hand_over(proc, batch)
+
+    def _hand_over(self, proc: Proc, batch: Batch) -> None:
+        proc.outstanding.append(batch.id)
+        proc.assigned += batch.n
+        self._send(proc, batch.message())
+        producer = batch.credit_to
+        if producer and producer in self.credit:
+            self.credit[producer] += batch.n
+            target = self.procs.procs.get(producer)
+            if target is not None:
+                self._send(target, [CREDIT, batch.n])
+        batch.credit_to = None
+
+    # -- frames ------------------------------------------------------------------------------
+    def _read(self, proc: Proc) -> None:
+        for frame in proc.reader.read():
+            try:
+                message = protocol.unpack(frame)
+                self._on_message(proc, message)
+            except ProtocolError as exc:
+                self.log.error("protocol.error", peer=proc.name, error=str(exc))
+
+    def _on_message(self, proc: Proc, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == REPORT:
+            self._on_report(proc, *message[1:])
+        elif kind == LOG:
+            self.runlog.write(message[1])
+        elif kind == BATCH:
+            self._on_batch(proc, message[1], message[2], message[3])
+        elif kind == READY:
+            proc.ready = True
+            proc.idle_since = time.monotonic()
+            self.log.info("worker.started", pool=proc.pool, worker=proc.name, role=proc.role, pid=proc.pid, restart=proc.restart, host=proc.host)
+        elif kind == LOCK:
+            self._on_lock(proc, message[1], message[2], message[3])
+        elif kind == END:
+            self._on_end(proc, *message[1:])
+        elif kind == INVALID:
+            pool = self.run_cfg.target_of(self.run_cfg.pool(proc.pool))  # type: ignore[arg-type]
+            job = Job(self.ledger.new_job_id(), pool, 0, message[2], proc.name)
+            self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message[1], origin=proc.name)
+            self._dead_letter(job, message[1], None, attempts=0)
+        elif kind == FATAL:
+            proc.fatal = (message[1], message[2])
+
+    def _on_batch(self, proc: Proc, pool: str, n: int, blob: bytes) -> None:
+        if pool not in self.consumers:
+            self.log.error("protocol.error", peer=proc.name, error=f"batch for unknown pool {pool!r}")
+            return
+        batch = self.ledger.add(pool, n, blob, proc.name, credit_to=proc.name)
+        if proc.name in self.credit:
+            self.credit[proc.name] -= n
+            if self.credit[proc.name] <= 0:
+                self._queue_full(pool)
+        if self.run_cfg.logs.jobs == "all":
+            for i in range(n):
+                self.log.info("job.queued", pool=pool, job_id=batch.first_id + i, origin=proc.name)
+
+    def _queue_full(self, pool: str) -> None:
+        now = time.monotonic()
+        if now - self.last_full.get(pool, -10.0) >= 5.0:
+            self.last_full[pool] = now
+            self.log.warning("queue.full", pool=pool, depth=self.ledger.queued(pool), maxsize=self.run_cfg.queue.maxsize)
+
+    def _on_end(self, proc: Proc, status: str, jobs: int, error: str | None, trace: str | None) -> None:
+        if proc.ended:
+            return
+        proc.ended = True
+        self.producers_open -= 1
+        self.credit.pop(proc.name, None)
+        if status == "failed":
+            self.producer_failed = True
+            self.log.error("producer.failed", pool=proc.pool, worker=proc.name, error=error, traceback=trace, jobs=jobs)
+        self.log.info("producer.finished", pool=proc.pool, worker=proc.name, jobs=jobs, status=status)
+
+    def _on_report(self, proc: Proc, batch_id: int, done: int, results: Any, failures: list[Any], emits: list[Any], hist: dict[int, int]) -> None:
+        batch = self.ledger.in_flight.get(batch_id)
+        if batch is None or batch.owner != proc.name:
+            self.log.warning("report.stale", peer=proc.name, batch=batch_id)
+            return
+        newly = self.ledger.progress(batch, done)
+        stats = self.ledger.stats[batch.pool]
+        for index, error, trace, _ms in failures:
+            job = Job(batch.job_id(index), batch.pool, batch.attempt(index), batch.payload(index), batch.origin)
+            self._job_failed(job, error, trace, proc, logged=True)
+        ok = len(newly) - len(failures)
+        stats.done += ok
+        proc.done += ok
+        self.worker_stats[proc.name]["done"] += ok
+        self.worker_stats[proc.name]["failed"] += len(failures)
+        if ok:
+            self.crash_streak[batch.pool] = 0
+        if results and self.results is not None:
+            self.results.write("".join(logs.dumps({"job_id": batch.job_id(i), "pool": batch.pool, "result": r}) + "\n" for i, r in results))
+        for pool, n, blob in emits:
+            if pool in self.consumers:
+                self.emits_to[batch.pool].add(pool)
+                emitted = self.ledger.add(pool, n, blob, proc.name)
+                if self.run_cfg.logs.jobs == "all":
+                    for i in range(n):
+                        self.log.info("job.queued", pool=pool, job_id=emitted.first_id + i, origin=proc.name)
+        if hist:
+            self._merge_hist(batch.pool, hist)
+        if done >= batch.n and batch_id in proc.outstanding:
+            proc.outstanding.remove(batch_id)
+            if not proc.outstanding:
+                proc.idle_since = time.monotonic()
+
+    def _merge_hist(self, pool: str, hist: dict[int, int]) -> None:
+        total = self.ledger.stats[pool].hist
+        count = seconds = 0.0
+        for bucket, n in hist.items():
+            total[bucket] = total.get(bucket, 0) + n
+            count += n
+            seconds += n * protocol.bucket_ms(bucket) / 1000
+        mean = seconds / count
+        old = self.mean_job_s.get(pool)
+        self.mean_job_s[pool] = mean if old is None else 0.7 * old + 0.3 * mean
+
+    def _job_failed(self, job: Job, error: str, trace: str | None, proc: Proc | None, logged: bool) -> None:
+        cfg = self.consumers[job.pool]
+        stats = self.ledger.stats[job.pool]
+        stats.failed += 1
+        quiet = self.run_cfg.logs.jobs == "none"
+        if not logged and not quiet:
+            self.log.warning("job.failed", pool=job.pool, worker=proc.name if proc else None, job_id=job.id, attempt=job.attempt, error=error, origin=job.origin)
+        if job.attempt <= cfg.retries:
+            delay = min(cfg.retry_backoff * 2 ** (job.attempt - 1), 60.0)
+            job.attempt += 1
+            stats.retried += 1
+            self.ledger.schedule_retry(job, time.monotonic() + delay)
+            if not quiet:
+                self.log.info("job.retried", pool=job.pool, job_id=job.id, attempt=job.attempt, delay_ms=round(delay * 1000))
+        else:
+            self._dead_letter(job, error, trace, attempts=job.attempt)
+
+    def _dead_letter(self, job: Job, error: str, trace: str | None, attempts: int) -> None:
+        self.ledger.stats[job.pool].dead += 1
+        if self._dead is None:
+            self._dead = open(self.dead_path, "a", encoding="utf-8")
+        self._dead.write(logs.dumps({"job_id": job.id, "pool": job.pool, "payload": job.payload, "error": error,
+                                     "traceback": trace, "attempts": attempts, "origin": job.origin}) + "\n")
+        self._dead.flush()
+        self.log.error("job.dead", pool=job.pool, job_id=job.id, attempts=attempts, error=error, origin=job.origin)
+
+    def _on_lock(self, proc: Proc, op: str, name: str, request: int) -> None:
+        if op == "acquire":
+            if self.locks.acquire(name, proc.name, request):
+                self._send(proc, [GRANT, name, request])
+        else:
+            handed = self.locks.release(name, proc.name)
+            if handed:
+                self._grant(name, *handed)
+
+    def _grant(self, name: str, who: str, request: int) -> None:
+        proc = self.procs.procs.get(who)
+        if proc is not None:
+            self._send(proc, [GRANT, name, request])
+
+    # -- exits -------------------------------------------------------------------------------
+    def _on_exit(self, proc: Proc) -> None:
+        running = proc.running_job()
+        pid = proc.pid
+        ended = self.procs.reap(proc)
+        self.procs.forget(proc)
+        now = time.monotonic()
+        held, handed = self.locks.drop(proc.name)
+        for name in held:
+            self.log.warning("lock.broken", name=name, holder=proc.name)
+        for name, who, request in handed:
+            self._grant(name, who, request)
+        charged: Job | None = None
+        requeue: list[Job] = []
+        for batch_id in proc.outstanding:
+            batch = self.ledger.in_flight.get(batch_id)
+            if batch is None:
+                continue
+            for job in self.ledger.release(batch):
+                if running and running[0] == batch_id and job.id == batch.job_id(running[1]):
+                    charged = job
+                else:
+                    requeue.append(job)
+        if requeue:
+            self.ledger.regroup(requeue, front=True)
+        fields = {"pool": proc.pool, "worker": proc.name, "role": proc.role, "host": proc.host, "pid": pid}
+        if proc.role == "producer" and not proc.ended:
+            self._on_end(proc, "failed", 0, f"producer process {ended.reason}", proc.fatal[1] if proc.fatal else None)
+        clean = ended.code == 0 and charged is None and not proc.fatal
+        if clean:
+            reason = proc.stop_reason or ("done" if proc.role == "producer" else "stopped")
+            self.log.info("worker.exited", **fields, code=0, reason=reason, jobs=proc.done, requeued=len(requeue))
+            if reason == "recycled" and self.state == "running":
+                self._start_consumer(self.consumers[proc.pool], proc.index, proc.restart + 1)
+            return
+        self.worker_stats[proc.name]["crashes"] += 1
+        self.log.error("worker.crashed", **fields, code=ended.code, signal=ended.signal, reason=ended.reason,
+                       job_id=charged.id if charged else None, requeued=len(requeue),
+                       traceback=proc.fatal[1] if proc.fatal else None)
+        if charged is not None:
+            self._job_failed(charged, f"worker {proc.name} {ended.reason}", None, proc, logged=False)
+        if proc.role != "consumer" or self.state != "running":
+            return
+        cfg = self.consumers[proc.pool]
+        if proc.done == 0 and charged is None:
+            self.crash_streak[proc.pool] += 1
+        if self.crash_streak[proc.pool] >= cfg.restart_limit:
+            reason = f"pool {proc.pool!r}: {self.crash_streak[proc.pool]} processes in a row died before finishing a job (last: {ended.reason})"
+            self.log.error("pool.failed", pool=proc.pool, reason=reason)
+            self._fail(now, reason)
+            return
+        delay = min(0.05 * 2 ** self.crash_streak[proc.pool], 5.0) if self.crash_streak[proc.pool] else 0.0
+        self.restarts.append((now + delay, proc.pool, proc.index, proc.restart + 1))
+
+    # -- reporting ---------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        stats = self.ledger.stats.values()
+        return {
+            "produced": self.ledger.produced, "done": sum(s.done for s in stats), "failed": sum(s.failed for s in stats),
+            "retried": sum(s.retried for s in stats), "dead": sum(s.dead for s in stats),
+            "queued": self.ledger.queued(), "in_flight": self.ledger.in_flight_jobs,
+        }
+
+    def _log_progress(self, now: float) -> None:
+        counts = self.counts()
+        elapsed = now - self.started
+        rate = (counts["done"] - self._last_done) / self.run_cfg.logs.progress_interval
+        self._last_done = counts["done"]
+        self.log.info("progress", **{k: counts[k] for k in ("produced", "done", "failed", "dead", "queued", "in_flight")},
+                      rate=round(rate, 1), elapsed_s=round(elapsed, 3))
+
+    def pool_summary(self) -> dict[str, dict[str, Any]]:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {
+            pool: {"done": s.done, "failed": s.failed, "retried": s.retried, "dead": s.dead,
+                   "p50_ms": protocol.percentile_ms(s.hist, 0.5), "p95_ms": protocol.percentile_ms(s.hist, 0.95),
+                   "p99_ms": protocol.percentile_ms(s.hist, 0.99), "jobs_per_s": round(s.done / elapsed, 1)}
+            for pool, s in self.ledger.stats.items()
+        }
+
+    def _finish(self) -> ExitCode:
+        pending = self.ledger.unsettled()
+        if pending:
+            with open(self.pending_path, "w", encoding="utf-8") as out:
+                for job in pending:
+                    out.write(logs.dumps({"job_id": job.id, "pool": job.pool, "payload": job.payload, "attempts": job.attempt - 1}) + "\n")
+        counts = self.counts()
+        if self.stop_signal is not None and self.failure is None:
+            status, code = "stopped", ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
+        elif self.failure or self.producer_failed or counts["dead"]:
+            status, code = "failed", ExitCode.FAILED
+        else:
+            status, code = "finished", ExitCode.OK
+        level = "error" if status == "failed" else "info"
+        getattr(self.log, level)("run.finished", status=status, exit_code=int(code), duration_s=round(time.monotonic() - self.started, 3),
+                                 **{k: counts[k] for k in ("produced", "done", "failed", "retried", "dead")}, pending=len(pending),
+                                 error=self.failure, pending_file=str(self.pending_path) if pending else None,
+                                 dead_file=str(self.dead_path) if counts["dead"] else None,
+                                 pools=self.pool_summary(), workers=self.worker_stats)
+        for handle in (self.results, self._dead):
+            if handle is not None:
+                handle.close()
+        self.runlog.close()
+        self.progress.summary(self, status, code, len(pending))
+        return code

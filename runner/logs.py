@@ -1,0 +1,128 @@
+"""One log stream per run: every process logs with structlog; only the coordinator writes the file.
+
+A child's events travel to the coordinator as LOG frames on its own pipe, in order with its job
+reports, so the run's JSON-lines file never holds interleaved or torn lines. Field order and names
+are a contract (see README, "Log events"); runner.logview reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+from rich.console import Console
+from rich.text import Text
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+#: the context every line carries, in the order it is written
+CONTEXT_KEYS = ("timestamp", "level", "event", "run_id", "host", "pid", "role", "pool", "worker")
+HOST = socket.gethostname()
+
+
+def iso_now(now: float | None = None) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. 2026-11-26T23:30:01.123Z."""
+    now = time.time() if now is None else now
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+def _stamp(_: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict["timestamp"] = iso_now()
+    event_dict["level"] = "warning" if method == "warn" else method
+    return event_dict
+
+
+def ordered(event_dict: dict[str, Any]) -> dict[str, Any]:
+    """The contract's key order first, then the event's own fields."""
+    line = {key: event_dict.get(key) for key in CONTEXT_KEYS}
+    for key, value in event_dict.items():
+        if key not in line:
+            line[key] = value
+    return line
+
+
+def configure(level: str, sink: Callable[[dict[str, Any]], None], **context: Any) -> structlog.typing.FilteringBoundLogger:
+    """Configure structlog in this process; every event ends in `sink` as an ordered dict."""
+
+    def deliver(_: Any, __: str, event_dict: dict[str, Any]) -> Any:
+        sink(ordered(event_dict))
+        raise structlog.DropEvent
+
+    structlog.configure(
+        processors=[_stamp, structlog.processors.format_exc_info, deliver],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        cache_logger_on_first_use=False,
+    )
+    return structlog.get_logger().bind(host=HOST, pid=os.getpid(), **context)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"$bytes": value.hex()}
+    return repr(value)
+
+
+def dumps(line: dict[str, Any]) -> str:
+    return json.dumps(line, ensure_ascii=False, default=_json_default, separators=(",", ":"))
+
+
+_LEVEL_STYLE = {"debug": "dim", "info": "cyan", "warning": "yellow", "error": "bold red", "critical": "bold red"}
+
+
+def human(line: dict[str, Any]) -> Text:
+    """A log line for people: time, level, event, who, then the other fields."""
+    text = Text()
+    text.append(str(line.get("timestamp", ""))[11:23] + " ", style="dim")
+    level = str(line.get("level", ""))
+    text.append(f"{level:<7} ", style=_LEVEL_STYLE.get(level, ""))
+    text.append(f"{line.get('event')} ", style="bold")
+    who = line.get("worker") or ""
+    if line.get("host") and line.get("host") != HOST:
+        who = f"{line['host']}/{who}"
+    text.append(f"{who} ", style="magenta")
+    for key, value in line.items():
+        if key in CONTEXT_KEYS or key in ("traceback", "pools", "workers") or value is None:
+            continue
+        text.append(f"{key}=", style="dim")
+        text.append(f"{value} ")
+    return text
+
+
+class RunLog:
+    """The coordinator's writer: the run's JSON-lines file plus the console (human on a TTY, JSON otherwise)."""
+
+    def __init__(self, path: Path, level: str, console: Console, tty: bool) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file: IO[str] = path.open("a", encoding="utf-8", buffering=1 << 16)
+        self._threshold = LEVELS[level]
+        self._console = console
+        self._tty = tty
+        self.counts: dict[str, int] = {}
+
+    def write(self, line: dict[str, Any]) -> None:
+        if LEVELS.get(str(line.get("level")), 20) < self._threshold:
+            return
+        text = dumps(line)
+        self._file.write(text + "\n")
+        event = str(line.get("event"))
+        self.counts[event] = self.counts.get(event, 0) + 1
+        if self._tty:
+            if event != "progress":
+                self._console.print(human(line), highlight=False, soft_wrap=True)
+        else:
+            sys.stderr.write(text + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+        if not self._tty:
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,148 @@
+"""Local processes: start them together, read their pipes, reap them the moment they exit, stop them.
+
+The supervisor knows processes, not jobs: what a process holds is the coordinator's ledger's
+business. It turns the operating system's view (sentinels, exit codes, signals) into plain facts the
+coordinator acts on: frames received, and `Exit(code, signal, reason)`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from runner.transports.local import FrameReader
+from runner.worker import SLOT_BATCH, SLOT_INDEX, SLOT_STARTED, process_main
+
+
+@dataclass
+class Exit:
+    code: int | None
+    signal: str | None
+    reason: str
+
+
+@dataclass(eq=False)
+class Proc:
+    """One local process and what the coordinator knows of it."""
+
+    name: str
+    pool: str
+    role: str
+    index: int
+    restart: int
+    process: BaseProcess
+    reader: FrameReader
+    inbox: Any
+    slot: Any
+    host: str
+    started_at: float
+    ready: bool = False
+    stop_reason: str | None = None  #: set when the coordinator asked it to stop
+    kill_reason: str | None = None  #: set when the coordinator killed it
+    fatal: tuple[str, str] | None = None
+    outstanding: deque[int] = field(default_factory=deque)  #: batch ids it holds, oldest first
+    assigned: int = 0  #: jobs given to it, for max_jobs_per_process
+    done: int = 0
+    idle_since: float = 0.0
+    ended: bool = False  #: producers: its stream ended
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def running_job(self) -> tuple[int, int] | None:
+        """(batch id, index) of the job this process is running now, read from its shared slot."""
+        if self.slot[SLOT_STARTED] > 0:
+            return int(self.slot[SLOT_BATCH]), int(self.slot[SLOT_INDEX])
+        return None
+
+    def job_started_at(self) -> float:
+        return float(self.slot[SLOT_STARTED])
+
+
+def describe_exit(code: int | None) -> tuple[str | None, str]:
+    """Why a process ended, in words: 'killed by SIGKILL, possibly out of memory', 'exited with code 3'."""
+    if code is None:
+        return None, "still running"
+    if code < 0:
+        name = signal.Signals(-code).name
+        extra = ", possibly out of memory" if name == "SIGKILL" else ""
+        return name, f"killed by {name}{extra}"
+    return None, f"exited with code {code}"
+
+
+class LocalProcesses:
+    """Starts, watches and stops the processes of this machine."""
+
+    def __init__(self, start_method: str, host: str) -> None:
+        self.mp: BaseContext = multiprocessing.get_context(start_method)
+        self.host = host
+        self.procs: dict[str, Proc] = {}
+        self._by_fd: dict[int, Proc] = {}
+        self._by_sentinel: dict[int, Proc] = {}
+
+    def start(self, name: str, pool: str, role: str, index: int, spec: dict[str, Any], restart: int = 0) -> Proc:
+        reader, writer = self.mp.Pipe(duplex=False)
+        inbox = self.mp.Queue()
+        slot = self.mp.RawArray("d", 4)
+        spec = {**spec, "worker": name, "index": index, "role": role, "pool": pool, "host": self.host}
+        process = self.mp.Process(target=process_main, args=(role, spec, writer, inbox, slot), name=name, daemon=False)
+        process.start()
+        writer.close()  # only the child writes: its death is the pipe's end
+        proc = Proc(name, pool, role, index, restart, process, FrameReader(reader), inbox, slot, self.host, time.monotonic())
+        self.procs[name] = proc
+        self._by_fd[proc.reader.fd] = proc
+        self._by_sentinel[process.sentinel] = proc
+        return proc
+
+    def wait(self, timeout: float, extra: list[int]) -> tuple[list[Proc], list[Proc]]:
+        """Block until a pipe has data, a process ended or an `extra` fd is readable: (readable, ended)."""
+        handles = [*self._by_fd, *self._by_sentinel, *extra]
+        ready = wait(handles, timeout) if handles else []
+        readable = [self._by_fd[h] for h in ready if h in self._by_fd]  # type: ignore[index]
+        ended = [self._by_sentinel[h] for h in ready if h in self._by_sentinel]  # type: ignore[index]
+        return readable, ended
+
+    def reap(self, proc: Proc) -> Exit:
+        """Collect an ended process (no zombie stays behind) and say why it ended."""
+        proc.process.join()
+        code = proc.process.exitcode
+        sig, reason = describe_exit(code)
+        if proc.kill_reason:
+            reason = proc.kill_reason
+        elif proc.fatal:
+            reason = proc.fatal[0]
+        self._by_fd.pop(proc.reader.fd, None)
+        self._by_sentinel.pop(proc.process.sentinel, None)
+        self.procs.pop(proc.name, None)
+        proc.process.close()
+        proc.inbox.close()
+        proc.inbox.cancel_join_thread()
+        return Exit(code, sig, reason)
+
+    def forget(self, proc: Proc) -> None:
+        proc.reader.close()
+
+    def send(self, proc: Proc, frame: bytes) -> None:
+        proc.inbox.put(frame)
+
+    def signal(self, proc: Proc, signum: int, reason: str | None = None) -> None:
+        if reason and not proc.kill_reason:
+            proc.kill_reason = reason
+        try:
+            if proc.pid:
+                os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def signal_all(self, signum: int, reason: str | None = None) -> None:
+        for proc in list(self.procs.values()):
+            self.signal(proc, signum, reason)

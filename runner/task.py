@@ -1,0 +1,82 @@
+"""The user's side: importing `module:function` tasks and the `ctx` every task receives."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from runner.errors import TaskImportError
+
+if TYPE_CHECKING:
+    from runner.worker import ProcessLoop
+
+
+def import_task(ref: str, base_dir: str | None = None) -> Callable[..., Any]:
+    """The function behind `module:function`; the config's folder is searched first."""
+    if base_dir and base_dir not in sys.path:
+        sys.path.insert(0, base_dir)
+    module_name, _, function_name = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        where = f" (looked in {base_dir} and the Python path)" if base_dir else ""
+        raise TaskImportError(f"task {ref!r}: no module named {exc.name!r}{where}") from exc
+    except Exception as exc:
+        raise TaskImportError(f"task {ref!r}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise TaskImportError(f"task {ref!r}: module {module_name!r} has no function {function_name!r}")
+    return function
+
+
+class Context:
+    """What a task gets as `ctx`: who and where it runs, its job, a logger, locks and emit.
+
+    The job fields (job_id, attempt) change with every job; the rest is fixed for the process.
+    """
+
+    def __init__(self, loop: ProcessLoop, spec: dict[str, Any]) -> None:
+        self._loop = loop
+        self.run_id: str = spec["run_id"]
+        self.pool: str = spec["pool"]
+        self.worker: str = spec["worker"]
+        self.index: int = spec["index"]
+        self.host: str = spec["host"]
+        self.params: dict[str, Any] = spec.get("params", {})
+        self.job_id: int | None = None
+        self.attempt: int | None = None
+        self._job_log: Any = None
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound to run, pool, worker and (inside a job) job_id and attempt."""
+        if self.job_id is None:
+            return self._loop.log
+        if self._job_log is None:
+            self._job_log = self._loop.log.bind(job_id=self.job_id, attempt=self.attempt)
+        return self._job_log
+
+    def _set_job(self, job_id: int, attempt: int) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self._job_log = None
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """A named lock shared by every process of the run, on every host.
+
+        Served by the coordinator: if the holder dies, the lock is released (logged as lock.broken)
+        instead of blocking everyone for ever, as a multiprocessing.Lock would.
+        """
+        self._loop.acquire(name)
+        try:
+            yield
+        finally:
+            self._loop.release(name)
+
+    def emit(self, payload: Any, to: str | None = None) -> None:
+        """Send a new job to consumer pool `to` (stage chaining); delivered only if this job succeeds."""
+        self._loop.emit(payload, to)

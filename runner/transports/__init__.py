@@ -1,0 +1,1 @@
+"""How messages move: local pipes and queues (local.py), ZeroMQ between hosts (zeromq.py)."""

@@ -1,0 +1,372 @@
+"""The loops that run inside each producer and consumer process.
+
+A process owns one pipe to the coordinator (FrameWriter) and one inbox queue. It never decides its
+own lifecycle: the coordinator tells it to stop (idle, recycled, done) with a STOP message, so the
+coordinator's ledger always knows which jobs a process holds. SIGTERM means "finish the job in hand,
+report, exit"; SIGINT is ignored (the terminal's Ctrl-C is the coordinator's to handle).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgpack
+
+from runner import logs, protocol
+from runner.protocol import (
+    BATCH,
+    CREDIT,
+    END,
+    FATAL,
+    GRANT,
+    INVALID,
+    JOBS,
+    LOCK,
+    LOG,
+    READY,
+    REPORT,
+    STOP,
+    time_bucket,
+)
+from runner.task import Context, import_task
+from runner.transports.local import FrameWriter
+
+#: a long batch reports its progress at least this often, so a crash re-runs little
+REPORT_EVERY_S = 0.05
+#: a producer's buffered jobs are sent at the latest after this long
+FLUSH_AFTER_S = 0.002
+#: a generator step slower than this probably blocks again: send what we have first
+SLOW_STEP_S = 0.0001
+#: how often a blocked wait looks at the stop flag
+POLL_S = 0.5
+
+# Slot layout: a shared array the coordinator reads to see the job in hand (for job_timeout and to
+# charge a crash to the right job) without a message per job.
+SLOT_BATCH, SLOT_INDEX, SLOT_STARTED = 0, 1, 2
+
+
+def _die_with_parent() -> None:
+    """No orphans: exit when the coordinator (or the worker agent) dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us with our parent
+    except (OSError, AttributeError):
+        pass
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class ProcessLoop:
+    """What producers and consumers share: setup, the pipe, the inbox, locks and logging."""
+
+    def __init__(self, spec: dict[str, Any], writer: Connection, inbox: Any, slot: Any) -> None:
+        self.spec = spec
+        self.out = FrameWriter(writer)
+        self.inbox = inbox
+        self.slot = slot
+        self.stopping = False
+        self.stash: deque[list[Any]] = deque()
+        self._lock_requests = 0
+        self.log: Any = None
+        self.ctx = Context(self, spec)
+        self.task: Any = None
+
+    def send(self, message: list[Any]) -> None:
+        self.out.send(protocol.pack(message))
+
+    def _log_sink(self, line: dict[str, Any]) -> None:
+        self.send([LOG, line])
+
+    def setup(self) -> bool:
+        """Name the process, install signals, configure logs, import the task; False if it cannot run."""
+        try:
+            import setproctitle
+
+            setproctitle.setproctitle(f"runner: {self.spec['worker']} [{self.spec['run_name']}]")
+        except ImportError:
+            pass
+        signal.set_wakeup_fd(-1)  # a forked child must not wake the coordinator's loop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_term)
+        _die_with_parent()
+        spec = self.spec
+        self.log = logs.configure(
+            spec["log_level"], self._log_sink, run_id=spec["run_id"], role=spec["role"], pool=spec["pool"], worker=spec["worker"]
+        )
+        try:
+            self.task = import_task(spec["task"], spec.get("base_dir"))
+        except Exception as exc:
+            self.send([FATAL, str(exc), traceback.format_exc()])
+            return False
+        self.send([READY])
+        return True
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def next_message(self, timeout: float) -> list[Any] | None:
+        if self.stash:
+            return self.stash.popleft()
+        try:
+            return protocol.unpack(self.inbox.get(timeout=timeout))
+        except Exception as exc:
+            if type(exc).__name__ == "Empty":
+                return None
+            raise
+
+    def acquire(self, name: str) -> None:
+        self._lock_requests += 1
+        request = self._lock_requests
+        self.send([LOCK, "acquire", name, request])
+        while True:
+            message = protocol.unpack(self.inbox.get())
+            if message[0] == GRANT and message[2] == request:
+                return
+            self.stash.append(message)
+
+    def release(self, name: str) -> None:
+        self.send([LOCK, "release", name, 0])
+
+    def emit(self, payload: Any, to: str | None) -> None:
+        raise RuntimeError("ctx.emit is for consumer tasks; a producer yields its jobs")
+
+
+class ProducerLoop(ProcessLoop):
+    """Runs a generator task; sends its jobs in adaptive batches within the credit it is given."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.credit: int = self.spec["credit"]
+        self.buffer: list[bytes] = []
+        self.buffer_since = 0.0
+        self.buffer_lock = threading.Lock()
+        self.wake = threading.Event()
+        self.done = threading.Event()
+        self.packer = msgpack.Packer(use_bin_type=True)
+
+    def flush(self) -> None:
+        with self.buffer_lock:
+            if self.buffer:
+                self.send([BATCH, self.spec["target"], len(self.buffer), b"".join(self.buffer)])
+                self.buffer = []
+
+    def _take_credit(self) -> None:
+        """Collect credit the coordinator granted meanwhile, without blocking (main thread only)."""
+        while True:
+            message = self._poll_inbox()
+            if message is None:
+                return
+            if message[0] == CREDIT:
+                self.credit += message[1]
+            elif message[0] == STOP:
+                self.stopping = True
+            else:
+                self.stash.append(message)
+                return
+
+    def _poll_inbox(self) -> list[Any] | None:
+        try:
+            return protocol.unpack(self.inbox.get_nowait())
+        except Exception as exc:
+            if type(exc).__name__ == "Empty":
+                return None
+            raise
+
+    def _flusher(self) -> None:
+        """Sends a buffer that waited FLUSH_AFTER_S, so a generator that pauses never holds jobs back."""
+        while not self.done.is_set():
+            self.wake.wait()
+            self.wake.clear()
+            if self.done.wait(FLUSH_AFTER_S):
+                return
+            self.flush()
+
+    def wait_for_credit(self) -> None:
+        self.flush()
+        while self.credit <= 0 and not self.stopping:
+            message = self.next_message(POLL_S)
+            if message is None:
+                continue
+            if message[0] == CREDIT:
+                self.credit += message[1]
+            elif message[0] == STOP:
+                self.stopping = True
+
+    def run(self) -> None:
+        spec = self.spec
+        threading.Thread(target=self._flusher, name="flusher", daemon=True).start()
+        produced, status, error, tb = 0, "ok", None, None
+        batch_max = spec["batch"]
+        try:
+            items = iter(self.task(self.ctx, **spec.get("params", {})))
+            while not self.stopping:
+                if self.credit <= 0:
+                    self.wait_for_credit()
+                    if self.stopping:
+                        break
+                while self.stash and self.stash[0][0] == CREDIT:
+                    self.credit += self.stash.popleft()[1]
+                started = time.monotonic()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    break
+                slow = time.monotonic() - started > SLOW_STEP_S
+                try:
+                    packed = self.packer.pack(item)
+                except Exception as exc:
+                    self.packer.reset()
+                    self.flush()
+                    self.send([INVALID, f"payload is not msgpack-encodable: {type(exc).__name__}: {exc}", repr(item)[:1000]])
+                    continue
+                produced += 1
+                self.credit -= 1
+                with self.buffer_lock:
+                    self.buffer.append(packed)
+                    size = len(self.buffer)
+                if slow or size >= batch_max:
+                    self.flush()
+                    self._take_credit()
+                elif size == 1:
+                    self.wake.set()
+            if self.stopping:
+                status = "stopped"
+        except Exception as exc:
+            status, error, tb = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        self.done.set()
+        self.flush()
+        self.send([END, status, produced, error, tb])
+
+
+class ConsumerLoop(ProcessLoop):
+    """Runs a consumer task over the batches the coordinator sends, reporting as it goes."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.emits: dict[str, list[bytes]] = {}
+        self.job_emits: list[tuple[str, bytes]] | None = None
+        self.packer = msgpack.Packer(use_bin_type=True)
+
+    def emit(self, payload: Any, to: str | None) -> None:
+        target = to or self.spec.get("emit_to")
+        if not target:
+            raise ValueError("ctx.emit needs to=POOL (or `to:` on this consumer pool in the config)")
+        if target not in self.spec["pools"]:
+            raise ValueError(f"ctx.emit: no consumer pool {target!r}; pools are {', '.join(self.spec['pools'])}")
+        if self.job_emits is None:
+            raise RuntimeError("ctx.emit can only be called while a job runs")
+        self.job_emits.append((target, self.packer.pack(payload)))
+
+    def run(self) -> None:
+        while True:
+            message = self.next_message(POLL_S)
+            if message is None:
+                continue
+            kind = message[0]
+            if kind == JOBS:
+                self.run_batch(message)
+            elif kind == STOP:
+                return
+            if self.stopping:
+                return
+
+    def _report(self, batch_id: int, done: int, results: Any, failures: list[Any], hist: dict[int, int]) -> None:
+        emits = [[pool, len(items), b"".join(items)] for pool, items in self.emits.items()]
+        self.emits = {}
+        self.send([REPORT, batch_id, done, results, failures, emits, hist])
+
+    def run_batch(self, message: list[Any]) -> None:
+        _, batch_id, first_id, n, ids, attempts, blob = message
+        payloads = protocol.unpack_blob(blob, n)
+        spec, ctx, task, slot, packer = self.spec, self.ctx, self.task, self.slot, self.packer
+        want_results = spec["results"]
+        log_jobs = spec["jobs_log"]
+        monotonic = time.monotonic
+        results: list[Any] | None = [] if want_results else None
+        failures: list[Any] = []
+        hist: dict[int, int] = {}
+        done = 0
+        last_report = monotonic()
+        slot[SLOT_BATCH] = batch_id
+        for index, payload in enumerate(payloads):
+            if self.stopping:
+                break
+            job_id = ids[index] if ids else first_id + index
+            attempt = attempts[index] if attempts else 1
+            ctx._set_job(job_id, attempt)
+            self.job_emits = []
+            slot[SLOT_INDEX] = index
+            started = monotonic()
+            slot[SLOT_STARTED] = started
+            try:
+                result = task(ctx, payload)
+                if result is not None and want_results:
+                    packer.pack(result)  # fail the job here, not the whole report, if it cannot travel
+                ok = True
+            except BaseException as exc:  # a job's failure, whatever it raised, is the job's
+                packer.reset()
+                ok = False
+                error = f"{type(exc).__name__}: {exc}"
+                trace = traceback.format_exc()
+            finished = monotonic()
+            slot[SLOT_STARTED] = 0.0
+            seconds = finished - started
+            bucket = time_bucket(seconds)
+            hist[bucket] = hist.get(bucket, 0) + 1
+            done = index + 1
+            if ok:
+                for target, packed in self.job_emits:
+                    self.emits.setdefault(target, []).append(packed)
+                if results is not None and result is not None:
+                    results.append([index, result])
+                if log_jobs == "all":
+                    ctx.log.info("job.done", duration_ms=round(seconds * 1000, 3))
+            else:
+                failures.append([index, error, trace, round(seconds * 1000, 3)])
+                if log_jobs != "none":
+                    ctx.log.warning("job.failed", duration_ms=round(seconds * 1000, 3), error=error, traceback=trace)
+            if finished - last_report > REPORT_EVERY_S and done < n:
+                self._report(batch_id, done, results, failures, hist)
+                results = [] if want_results else None
+                failures, hist = [], {}
+                last_report = finished
+        self.job_emits = None
+        ctx._set_job(None, None)  # type: ignore[arg-type]
+        self._report(batch_id, done, results, failures, hist)
+
+
+def process_main(kind: str, spec: dict[str, Any], writer: Connection, inbox: Any, slot: Any) -> None:
+    """Entry point of every child process (a module-level function, so every start method can run it)."""
+    loop = (ProducerLoop if kind == "producer" else ConsumerLoop)(spec, writer, inbox, slot)
+    try:
+        if not loop.setup():
+            sys.exit(3)
+        loop.run()
+    except BrokenPipeError:
+        os._exit(71)  # the coordinator is gone; nobody to report to
+    except BaseException as exc:
+        try:
+            loop.send([FATAL, f"{type(exc).__name__}: {exc}", traceback.format_exc()])
+        finally:
+            os._exit(1)
+    # Flush the inbox queue's threads quickly and leave without running atexit handlers of the task.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -109,24 +109,27 @@ class RunConfig(_Model):
     transport: TransportConfig = TransportConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
 
-    @model_validator(mode="after")
-    def _pools_fit_together(self) -> RunConfig:
-        names = [p.name for p in self.producers] + [c.name for c in self.consumers]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"pool names must be unique, found {', '.join(dupes)} twice")
+    def problems(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Mistakes that span fields: (location, message), located where a person would fix them."""
+        found: list[tuple[tuple[Any, ...], str]] = []
+        seen: set[str] = set()
+        for key, pools in (("producers", self.producers), ("consumers", self.consumers)):
+            for index, pool in enumerate(pools):
+                if pool.name in seen:
+                    found.append(((key, index, "name"), f"pool name {pool.name!r} is used twice"))
+                seen.add(pool.name)
         consumers = [c.name for c in self.consumers]
-        for producer in self.producers:
+        for index, producer in enumerate(self.producers):
             if producer.to is None and len(consumers) > 1:
-                raise ValueError(f"producer {producer.name!r} needs `to:` (one of {', '.join(consumers)})")
+                found.append((("producers", index), f"producer {producer.name!r} needs `to:` (one of {', '.join(consumers)})"))
             if producer.to is not None and producer.to not in consumers:
                 hint = _did_you_mean(producer.to, consumers)
-                raise ValueError(f"producer {producer.name!r} sends to unknown pool {producer.to!r}{hint}")
-        for consumer in self.consumers:
+                found.append((("producers", index, "to"), f"unknown consumer pool {producer.to!r}{hint}"))
+        for index, consumer in enumerate(self.consumers):
             if consumer.to is not None and consumer.to not in consumers:
                 hint = _did_you_mean(consumer.to, consumers)
-                raise ValueError(f"consumer {consumer.name!r} emits to unknown pool {consumer.to!r}{hint}")
-        return self
+                found.append((("consumers", index, "to"), f"unknown consumer pool {consumer.to!r}{hint}"))
+        return found
 
     def target_of(self, producer: ProducerConfig) -> str:
         return producer.to or self.consumers[0].name
@@ -165,7 +168,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         run = RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_schema_errors(path, root, data, exc)) from exc
+        raise ConfigError(_schema_errors(path, root, data, exc.errors())) from exc
+    problems = run.problems()
+    if problems:
+        errors = [{"loc": loc, "type": "value_error", "msg": message, "input": None} for loc, message in problems]
+        raise ConfigError(_schema_errors(path, root, data, errors))
     return Config(run=run, path=str(path), base_dir=str(path.resolve().parent))
 
 
@@ -273,9 +280,9 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _schema_errors(path: Path, root: Any, data: Any, exc: ValidationError) -> str:
-    lines = [f"{path}: {exc.error_count()} problem(s) in the config:"]
-    for error in exc.errors():
+def _schema_errors(path: Path, root: Any, data: Any, errors: Any) -> str:
+    lines = [f"{path}: {len(errors)} problem(s) in the config:"]
+    for error in errors:
         loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         node = _key_node(root, loc) if error["type"] == "extra_forbidden" and loc else _node_at(root, loc)
         line = f"{path}:{node.start_mark.line + 1}" if node is not None and hasattr(node, "start_mark") else str(path)
@@ -289,7 +296,7 @@ def _schema_errors(path: Path, root: Any, data: Any, exc: ValidationError) -> st
         else:
             found = error.get("input")
             message = error["msg"].removeprefix("Value error, ")
-            if not isinstance(found, (dict, list)) and "found" not in message:
+            if found is not None and not isinstance(found, (dict, list)) and "found" not in message:
                 message += f", found {found!r}"
         lines.append(f"  {line}: {where}: {message}")
     return "\n".join(lines)

@@ -317,7 +317,7 @@ class ConsumerLoop(ProcessLoop):
             slot[SLOT_STARTED] = started
             try:
                 result = task(ctx, payload)
-                if result is not None and want_results:
+                if want_results and result is not None:
                     packer.pack(result)  # fail the job here, not the whole report, if it cannot travel
                 ok = True
             except BaseException as exc:  # a job's failure, whatever it raised, is the job's
@@ -334,7 +334,7 @@ class ConsumerLoop(ProcessLoop):
             if ok:
                 for target, packed in self.job_emits:
                     self.emits.setdefault(target, []).append(packed)
-                if results is not None and result is not None:
+                if results is not None:
                     results.append([index, result])
                 if log_jobs == "all":
                     ctx.log.info("job.done", duration_ms=round(seconds * 1000, 3))

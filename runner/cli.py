@@ -70,17 +70,25 @@ def _import_tasks(config: Config) -> list[str]:
 def start(
     config: Path = ConfigOption,
     set_: Optional[list[str]] = SetOption,
+    bind: Optional[str] = typer.Option(None, "--bind", help="Also accept worker hosts here, e.g. tcp://0.0.0.0:5555 (or transport.bind)."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys folder: coordinator.key_secret and authorized/*.key."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --bind without CURVE keys (warns)."),
 ) -> None:
     """Run a config to the end: producers, consumers, retries, logs. Exit 0 all done, 1 failures, 2 usage, 130/143 stopped."""
     from runner.coordinator import Coordinator
     from runner.progress import Progress
+    from runner.transports import zeromq as wire
 
     try:
         cfg = load_config(config, set_)
         _import_tasks(cfg)
+        address = bind or cfg.run.transport.bind
+        coordinator_keys = wire.CoordinatorKeys(keys) if keys else None
+        if address:
+            wire.require_security(address, coordinator_keys, insecure, "--keys", lambda m: _stderr().print(m, markup=False))
         tty = sys.stderr.isatty()
         progress = Progress(_stderr(), Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False), tty)
-        coordinator = Coordinator(cfg, progress)
+        coordinator = Coordinator(cfg, progress, address, coordinator_keys)
     except RunnerError as exc:
         _fail(exc)
         return
@@ -116,6 +124,136 @@ def check(config: Path = ConfigOption, set_: Optional[list[str]] = SetOption) ->
         out.print(f"consumer {c.name}: {c.task} " + ", ".join(limits))
     out.print(f"shutdown grace {run.shutdown.grace:g}s; logs in {run.logs.dir}/ (level {run.logs.level}, jobs {run.logs.jobs})"
               + (f"; results to {run.results}" if run.results else ""))
+
+
+@app.command()
+def worker(
+    connect: str = typer.Option(..., "--connect", help="The coordinator's address, e.g. tcp://coordinator:5555."),
+    pool: Optional[list[str]] = typer.Option(None, "--pool", help="Serve this pool (repeatable; default: every consumer pool)."),
+    processes: Optional[int] = typer.Option(None, "--processes", min=1, help="Processes per pool here (default: the pool's `processes`)."),
+    name: Optional[str] = typer.Option(None, "--name", help="This host's name in the run (default: the host name)."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys folder: <name>.key_secret or worker.key_secret, and coordinator.key."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback address without CURVE keys (warns)."),
+    give_up: float = typer.Option(60.0, "--give-up", help="Seconds without a coordinator before exiting 1."),
+    serve: bool = typer.Option(False, "--serve", help="After a run ends, wait for the next one instead of exiting."),
+    run: Optional[str] = typer.Option(None, "--run", help="Join only this run id or run name."),
+    path: Optional[list[str]] = typer.Option(None, "--path", help="Add a folder to the import path for task code (repeatable)."),
+) -> None:
+    """Join a coordinator's run from this host and run processes for it. Exit 0 when the run ends, 1 gave up, 2 usage."""
+    from runner.agent import Agent
+    from runner.transports import zeromq as wire
+
+    console = _stderr()
+    try:
+        worker_keys = wire.WorkerKeys(keys, name) if keys else None
+        wire.require_security(connect, worker_keys, insecure, "--keys", lambda m: console.print(m, markup=False))
+    except RunnerError as exc:
+        _fail(exc)
+        return
+    agent = Agent(connect, pool or [], processes, name, worker_keys, give_up, serve, run,
+                  lambda m: console.print(m, markup=False, soft_wrap=True), path or [])
+    raise typer.Exit(int(agent.run()))
+
+
+def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys: Optional[Path], kind: int) -> dict:
+    """Ask a running coordinator: by --connect (remote, CURVE), or the control socket of a run in --logs."""
+    from runner.transports import zeromq as wire
+
+    if connect:
+        return wire.request(connect, kind, wire.WorkerKeys(keys) if keys else None)
+    address = _local_control(run_id, logs_dir)
+    return wire.request(address, kind)
+
+
+def _local_control(run_id: Optional[str], logs_dir: Path) -> str:
+    import json
+
+    from runner.transports import zeromq as wire
+
+    logs = sorted((p for p in logs_dir.glob("*.jsonl") if not p.name.endswith((".dead.jsonl", ".pending.jsonl"))),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    if run_id:
+        logs = [p for p in logs if p.name == f"{run_id}.jsonl"]
+        if not logs:
+            raise RunnerError(f"no run {run_id} in {logs_dir}/")
+    for log in logs:
+        address = wire.control_address(log.name.removesuffix(".jsonl"))
+        if os.path.exists(address.removeprefix("ipc://")):
+            return address
+        if run_id:
+            break
+    with_id = f" {run_id}" if run_id else ""
+    raise RunnerError(f"no running run{with_id} found in {logs_dir}/ (its control socket is gone: the run is over or was killed)")
+
+
+@app.command()
+def status(
+    run_id: Optional[str] = typer.Argument(None, help="The run (default: the newest running run in --logs)."),
+    logs_dir: Path = typer.Option(Path("logs"), "--logs", help="Folder of run logs."),
+    connect: Optional[str] = typer.Option(None, "--connect", help="A remote coordinator's bound address."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys folder (a worker key the coordinator authorizes)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON."),
+) -> None:
+    """Show a running coordinator's hosts, pools, processes, queue depths, counts and rate."""
+    import json
+
+    from runner.transports import zeromq as wire
+
+    try:
+        reply = _control(run_id, logs_dir, connect, keys, wire.STATUS)
+    except RunnerError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps(reply, indent=2))
+        return
+    out = Console(highlight=False)
+    counts = reply["counts"]
+    out.print(f"run {reply['run_id']} ({reply['state']}), {reply['elapsed_s']:.1f}s, {reply['rate']:,.0f} jobs/s")
+    out.print("  " + "  ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items()))
+    for host, info in reply["hosts"].items():
+        seen = f", last heard {info['last_seen_s']:.1f}s ago" if "last_seen_s" in info else ""
+        out.print(f"  host {host}: {info['processes']} processes{seen}")
+    for pool, info in reply["pools"].items():
+        extra = f", queued {info['queued']:,}, done {info['done']:,}, failed {info['failed']:,}, dead {info['dead']:,}" if "queued" in info else ""
+        out.print(f"  pool {pool} ({info['role']}): {info['processes']} processes{extra}")
+
+
+@app.command()
+def stop(
+    run_id: Optional[str] = typer.Argument(None, help="The run (default: the newest running run in --logs)."),
+    logs_dir: Path = typer.Option(Path("logs"), "--logs", help="Folder of run logs."),
+    connect: Optional[str] = typer.Option(None, "--connect", help="A remote coordinator's bound address."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys folder (a worker key the coordinator authorizes)."),
+) -> None:
+    """Ask a running coordinator for the graceful stop (the same as SIGTERM)."""
+    from runner.transports import zeromq as wire
+
+    try:
+        reply = _control(run_id, logs_dir, connect, keys, wire.STOP_RUN)
+    except RunnerError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"stopping run {reply['run_id']}")
+
+
+keys_app = typer.Typer(help="CURVE key pairs for multi-host runs.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    folder: Path = typer.Argument(..., help="Where to write the keys."),
+    worker_names: Optional[list[str]] = typer.Option(None, "--worker", help="Worker key pair names (repeatable; default: worker)."),
+) -> None:
+    """Make coordinator.key(_secret), one pair per worker, and authorized/ with the workers' public keys."""
+    from runner.transports import zeromq as wire
+
+    made = wire.generate_keys(folder, worker_names or ["worker"])
+    for path in made:
+        typer.echo(str(path))
+    typer.echo(f"coordinator: runner start --keys {folder} ...; workers: runner worker --keys {folder} ... "
+               f"(a worker needs only its own .key_secret and coordinator.key)")
 
 
 def _register_optional() -> None:

@@ -18,17 +18,22 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Any
 
+import zmq
+
 from runner import logs, protocol
 from runner.config import Config, ConsumerConfig
 from runner.errors import ExitCode, ProtocolError
 from runner.ledger import Batch, Job, Ledger
 from runner.locks import LockTable
-from runner.pool import LocalProcesses, Proc
+from runner.pool import Exit, LocalProcesses, Proc
 from runner.progress import Progress
+from runner.transports import zeromq as wire
 from runner.protocol import BATCH, CREDIT, END, FATAL, GRANT, INVALID, LOCK, LOG, READY, REPORT, STOP
 
 #: batches a consumer holds at once: one running, one ready to start
 PREFETCH = 2
+#: a process on a worker host holds more, to hide the network round trip
+PREFETCH_REMOTE = 4
 #: a batch should take about this long, so slow jobs spread over every process
 TARGET_BATCH_S = 0.02
 #: supervision tick when nothing happens (job timeouts, idle processes, retries)
@@ -40,7 +45,7 @@ def make_run_id(name: str) -> str:
 
 
 class Coordinator:
-    def __init__(self, config: Config, progress: Progress) -> None:
+    def __init__(self, config: Config, progress: Progress, bind: str | None = None, keys: wire.CoordinatorKeys | None = None) -> None:
         self.config = config
         run = self.run_cfg = config.run
         self.run_id = make_run_id(run.name)
@@ -56,7 +61,14 @@ class Coordinator:
             Path(run.results).parent.mkdir(parents=True, exist_ok=True)
             self.results = open(run.results, "a", encoding="utf-8")
         self._dead: IO[str] | None = None
-        self.procs = LocalProcesses(run.start_method, logs.HOST)
+        self.host = logs.HOST
+        self.procs = LocalProcesses(run.start_method, self.host)
+        self.bind = bind or run.transport.bind
+        self.keys = keys
+        self.context: zmq.Context | None = None
+        self.remote: Any = None  #: RemoteHosts when --bind is given
+        self.control: zmq.Socket | None = None
+        self.control_address = wire.control_address(self.run_id)
         self.consumers = {c.name: c for c in run.consumers}
         self.ledger = Ledger(list(self.consumers))
         self.locks = LockTable()
@@ -70,7 +82,7 @@ class Coordinator:
         self.producer_failed = False
         self.credit: dict[str, int] = {}  #: jobs each live producer may still send
         self.crash_streak = {pool: 0 for pool in self.consumers}
-        self.restarts: list[tuple[float, str, int, int]] = []  #: (due, pool, index, restart)
+        self.restarts: list[tuple[float, str, int, int, str]] = []  #: (due, pool, index, restart, host)
         self.worker_stats: dict[str, dict[str, Any]] = {}
         self.emits_to: dict[str, set[str]] = {pool: set() for pool in self.consumers}
         self.mean_job_s: dict[str, float] = {}
@@ -89,8 +101,10 @@ class Coordinator:
             signal.signal(signum, lambda s, f: self.signals.append(s))
         pools = {p.name: {"role": "producer", "processes": p.processes, "task": p.task} for p in run.producers}
         pools.update({c.name: {"role": "consumer", "processes": c.processes, "task": c.task} for c in run.consumers})
+        self._open_sockets()
         self.log.info("run.started", name=run.name, config=self.config.path, start_method=run.start_method, pools=pools,
-                      log_file=str(self.log_path), results=run.results, coordinator_pid=os.getpid())
+                      log_file=str(self.log_path), results=run.results, coordinator_pid=os.getpid(),
+                      bind=self.bind, control=self.control_address)
         for producer in run.producers:
             share = max(1, run.queue.maxsize // sum(p.processes for p in run.producers if run.target_of(p) == run.target_of(producer)))
             for index in range(1, producer.processes + 1):
@@ -105,20 +119,76 @@ class Coordinator:
         finally:
             self.progress.stop()
             signal.set_wakeup_fd(-1)
+            self._close_sockets()
         return self._finish()
+
+    def _open_sockets(self) -> None:
+        """The control socket (status, stop) and, with --bind, the socket worker hosts join."""
+        from runner.remote import RemoteHosts
+
+        self.context = zmq.Context()
+        self.control = self.context.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(self.control_address)
+        self.procs.poller.register(self.control, zmq.POLLIN)
+        self.procs.poller.register(self._wake_r, zmq.POLLIN)
+        if self.bind:
+            self.remote = RemoteHosts(self, self.context, self.bind, self.keys)
+            self.procs.poller.register(self.remote.sock, zmq.POLLIN)
+
+    def _close_sockets(self) -> None:
+        if self.remote is not None:
+            self.remote.close("run over")
+        if self.control is not None:
+            self.control.close(0)
+            path = self.control_address.removeprefix("ipc://")
+            if os.path.exists(path):
+                os.unlink(path)
+        if self.context is not None:
+            self.context.term()
+
+    def _serve_control(self) -> None:
+        assert self.control is not None
+        while True:
+            try:
+                identity, *parts = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                kind, _, _ = wire.parse(parts)
+            except ProtocolError as exc:
+                self.log.error("protocol.error", peer="control", error=str(exc))
+                continue
+            if kind == wire.STATUS:
+                reply = self.status()
+            elif kind == wire.STOP_RUN:
+                self.request_stop("runner stop")
+                reply = {"ok": True, "run_id": self.run_id}
+            else:
+                reply = {"error": f"unknown request {kind}"}
+            self.control.send_multipart([identity, wire.header(wire.REPLY, reply)])
+
+    def request_stop(self, reason: str) -> None:
+        """`runner stop`: the same graceful stop as SIGTERM."""
+        self.signals.append(signal.SIGTERM)
 
     def _step(self) -> None:
         """One iteration: wait for a frame, an exit, a signal or the next timer; then act."""
-        readable, ended = self.procs.wait(self._timeout(), [self._wake_r])
+        readable, ended, other = self.procs.wait(self._timeout())
         for proc in readable:
             self._read(proc)
         for proc in ended:
             self._read(proc)  # whatever it wrote before it died counts
-            self._on_exit(proc)
-        try:
-            os.read(self._wake_r, 512)
-        except BlockingIOError:
-            pass
+            self._on_local_exit(proc)
+        if self.remote is not None:
+            self.remote.drain()
+        if self.control in other:
+            self._serve_control()
+        if self._wake_r in other:
+            try:
+                os.read(self._wake_r, 512)
+            except BlockingIOError:
+                pass
         now = time.monotonic()
         self._handle_signals(now)
         self._tick(now)
@@ -138,7 +208,7 @@ class Coordinator:
                 self._begin_stop(now, f"{signal.Signals(signum).name} received")
             else:
                 self.log.warning("run.stopping", signal=signal.Signals(signum).name, reason="second signal: stopping now")
-                self.procs.signal_all(signal.SIGKILL, "killed: stop requested twice")
+                self._signal_all(signal.SIGKILL, "killed: stop requested twice")
 
     def _begin_stop(self, now: float, reason: str) -> None:
         """Graceful stop: no new work; producers stop; consumers finish the job in hand."""
@@ -147,9 +217,9 @@ class Coordinator:
         self.state = "stopping"
         self.deadline = now + grace
         self.restarts.clear()
-        for proc in list(self.procs.procs.values()):
+        for proc in self.all_procs():
             self._stop(proc, "stopped")
-        self.procs.signal_all(signal.SIGTERM)
+        self._signal_all(signal.SIGTERM)
 
     def _fail(self, now: float, reason: str) -> None:
         if self.failure is None:
@@ -169,12 +239,15 @@ class Coordinator:
             self._manage_pools(now)
             if self.producers_open == 0 and self.ledger.settled() and not self.restarts:
                 self.state = "draining"
-                for proc in list(self.procs.procs.values()):
+                self.deadline = now + self.run_cfg.shutdown.grace
+                for proc in self.all_procs():
                     self._stop(proc, "done")
+        if self.remote is not None:
+            self.remote.tick(now)
         if self.state in ("stopping", "draining") and self.deadline is not None and now > self.deadline:
-            self.procs.signal_all(signal.SIGKILL, f"killed: still running {self.run_cfg.shutdown.grace:g}s after the stop")
+            self._signal_all(signal.SIGKILL, f"killed: still running {self.run_cfg.shutdown.grace:g}s after the stop")
             self.deadline = None
-        if not self.procs.procs and self.state in ("stopping", "draining"):
+        if not self.all_procs() and self.state in ("stopping", "draining"):
             self.state = "over"
         if now >= self.next_progress:
             self.next_progress = now + self.run_cfg.logs.progress_interval
@@ -182,7 +255,7 @@ class Coordinator:
         self.progress.update(self)
 
     def _check_job_timeouts(self, now: float) -> None:
-        for proc in list(self.procs.procs.values()):
+        for proc in list(self.procs.procs.values()):  # worker hosts enforce their own
             cfg = self.consumers.get(proc.pool)
             if cfg is None or cfg.job_timeout is None or proc.kill_reason:
                 continue
@@ -196,8 +269,8 @@ class Coordinator:
     def _start_due_restarts(self, now: float) -> None:
         for item in [r for r in self.restarts if r[0] <= now]:
             self.restarts.remove(item)
-            _, pool, index, restart = item
-            self._start_consumer(self.consumers[pool], index, restart)
+            _, pool, index, restart, host = item
+            self._start_consumer(self.consumers[pool], index, restart, host)
 
     # -- processes ---------------------------------------------------------------------------
     def _spec(self) -> dict[str, Any]:
@@ -207,26 +280,81 @@ class Coordinator:
             "jobs_log": run.logs.jobs, "results": bool(run.results), "batch": run.queue.batch, "pools": list(self.consumers),
         }
 
-    def _start_producer(self, name: str, index: int, credit: int) -> None:
-        cfg = self.run_cfg.pool(name)
-        spec = {**self._spec(), "task": cfg.task, "params": cfg.params, "target": self.run_cfg.target_of(cfg), "credit": credit}  # type: ignore[arg-type]
-        proc = self.procs.start(f"{name}-{index}", name, "producer", index, spec)
-        self.credit[proc.name] = credit
-        self.producers_open += 1
-        self._stats(proc)
+    def pool_spec(self, pool: str) -> dict[str, Any]:
+        """Everything a process of `pool` needs, on this host or another (one source of truth)."""
+        cfg = self.run_cfg.pool(pool)
+        if pool in self.consumers:
+            consumer = self.consumers[pool]
+            return {**self._spec(), "task": cfg.task, "params": cfg.params, "emit_to": consumer.to, "job_timeout": consumer.job_timeout}
+        return {**self._spec(), "task": cfg.task, "params": cfg.params, "target": self.run_cfg.target_of(cfg)}  # type: ignore[arg-type]
 
-    def _start_consumer(self, cfg: ConsumerConfig, index: int, restart: int = 0) -> None:
-        spec = {**self._spec(), "task": cfg.task, "params": cfg.params, "emit_to": cfg.to}
-        proc = self.procs.start(f"{cfg.name}-{index}", cfg.name, "consumer", index, spec, restart)
+    def _producer_share(self, name: str) -> int:
+        run = self.run_cfg
+        target = run.target_of(run.pool(name))  # type: ignore[arg-type]
+        senders = sum(p.processes for p in run.producers if run.target_of(p) == target)
+        return max(1, run.queue.maxsize // senders)
+
+    def _start(self, pool: str, role: str, index: int, restart: int, host: str) -> Proc:
+        spec = self.pool_spec(pool)
+        name = f"{pool}-{index}"
+        if role == "producer":
+            spec["credit"] = self._producer_share(pool)
+        remote = self.remote.by_name(host) if host != self.host and self.remote is not None else None
+        if remote is not None:
+            proc = self.remote.spawn(remote, name, pool, role, index, restart, spec)
+        else:
+            proc = self.procs.start(name, pool, role, index, spec, restart)
         proc.idle_since = time.monotonic()
-        stats = self._stats(proc)
+        stats = self.worker_stats.setdefault(proc.key, {"pool": pool, "host": proc.host, "done": 0, "failed": 0, "crashes": 0, "restarts": 0})
         stats["restarts"] += 1 if restart else 0
+        if role == "producer":
+            self.credit[proc.key] = spec["credit"]
+            self.producers_open += 1
+        return proc
 
-    def _stats(self, proc: Proc) -> dict[str, Any]:
-        return self.worker_stats.setdefault(proc.name, {"pool": proc.pool, "host": proc.host, "done": 0, "failed": 0, "crashes": 0, "restarts": 0})
+    def _start_producer(self, name: str, index: int, credit: int) -> None:
+        self._start(name, "producer", index, 0, self.host)
+
+    def _start_consumer(self, cfg: ConsumerConfig, index: int, restart: int = 0, host: str | None = None) -> None:
+        self._start(cfg.name, "consumer", index, restart, host or self.host)
+
+    def on_host_joined(self, host: Any) -> None:
+        """A worker host joined: start its share of every pool it serves."""
+        for pool in host.pools:
+            configured = self.run_cfg.pool(pool).processes
+            role = "consumer" if pool in self.consumers else "producer"
+            for index in range(1, host.capacity(configured) + 1):
+                self._start(pool, role, index, 0, host.name)
+
+    def all_procs(self) -> list[Proc]:
+        procs = list(self.procs.procs.values())
+        if self.remote is not None:
+            procs += self.remote.procs()
+        return procs
+
+    def _find(self, key: str) -> Proc | None:
+        if "/" not in key:
+            return self.procs.procs.get(key)
+        host_name, _, name = key.partition("/")
+        host = self.remote.by_name(host_name) if self.remote is not None else None
+        return host.procs.get(name) if host is not None else None
 
     def _send(self, proc: Proc, message: list[Any]) -> None:
-        self.procs.send(proc, protocol.pack(message))
+        frame = protocol.pack(message)
+        if proc.remote:
+            self.remote.send(proc, frame)
+        else:
+            self.procs.send(proc, frame)
+
+    def _signal(self, proc: Proc, signum: int, reason: str | None = None) -> None:
+        if proc.remote:
+            self.remote.signal(proc, signum, reason)
+        else:
+            self.procs.signal(proc, signum, reason)
+
+    def _signal_all(self, signum: int, reason: str | None = None) -> None:
+        for proc in self.all_procs():
+            self._signal(proc, signum, reason)
 
     def _stop(self, proc: Proc, reason: str) -> None:
         if proc.stop_reason is None:
@@ -234,32 +362,43 @@ class Coordinator:
             self._send(proc, [STOP, reason])
 
     def _pool_procs(self, pool: str) -> list[Proc]:
-        return [p for p in self.procs.procs.values() if p.pool == pool and p.stop_reason is None]
+        return [p for p in self.all_procs() if p.pool == pool and p.stop_reason is None]
+
+    def _groups(self, cfg: ConsumerConfig) -> list[tuple[str, int]]:
+        """(host, most processes) for each host serving a consumer pool: this one, then worker hosts."""
+        groups = [(self.host, cfg.processes)]
+        if self.remote is not None:
+            groups += [(h.name, h.capacity(cfg.processes)) for h in self.remote.hosts.values() if cfg.name in h.pools]
+        return groups
 
     def _manage_pools(self, now: float) -> None:
         """Idle processes retire above min_processes; a backed-up queue brings processes back."""
         work_may_come = self.producers_open > 0 or not self.ledger.settled()
         for name, cfg in self.consumers.items():
-            alive = self._pool_procs(name)
-            for proc in alive:
+            for proc in self._pool_procs(name):
                 if cfg.max_jobs_per_process and proc.assigned >= cfg.max_jobs_per_process and not proc.outstanding:
                     self._stop(proc, "recycled")  # its slot gets a fresh process when it has exited
-            alive = self._pool_procs(name)
-            if cfg.idle_timeout is not None:
-                idle = [p for p in alive if p.ready and not p.outstanding and now - p.idle_since > cfg.idle_timeout]
-                for proc in idle[: max(0, len(alive) - cfg.min_processes)]:
-                    self._stop(proc, "idle")
-            alive = self._pool_procs(name)
-            starting = sum(1 for r in self.restarts if r[1] == name)
-            want = 0
-            if work_may_come and len(alive) + starting < cfg.min_processes:
-                want = cfg.min_processes - len(alive) - starting
-            busy = all(len(p.outstanding) >= PREFETCH or not p.ready for p in alive)
-            if self.ledger.queued(name) and busy and len(alive) + starting < cfg.processes:
-                want = max(want, 1)
-            used = {p.index for p in self.procs.procs.values() if p.pool == name} | {r[2] for r in self.restarts if r[1] == name}
-            for index in [i for i in range(1, cfg.processes + 1) if i not in used][:want]:
-                self._start_consumer(cfg, index)
+            for host, most in self._groups(cfg):
+                alive = [p for p in self._pool_procs(name) if p.host == host]
+                least = min(cfg.min_processes, most)
+                if cfg.idle_timeout is not None:
+                    idle = [p for p in alive if p.ready and not p.outstanding and now - p.idle_since > cfg.idle_timeout]
+                    for proc in idle[: max(0, len(alive) - least)]:
+                        self._stop(proc, "idle")
+                    alive = [p for p in alive if p.stop_reason is None]
+                starting = sum(1 for r in self.restarts if r[1] == name and r[4] == host)
+                want = 0
+                if work_may_come and len(alive) + starting < least:
+                    want = least - len(alive) - starting
+                busy = all(len(p.outstanding) >= PREFETCH or not p.ready for p in alive)
+                if self.ledger.queued(name) and busy and len(alive) + starting < most:
+                    want = max(want, 1)
+                if not want:
+                    continue
+                used = {p.index for p in self.all_procs() if p.pool == name and p.host == host}
+                used |= {r[2] for r in self.restarts if r[1] == name and r[4] == host}
+                for index in [i for i in range(1, most + 1) if i not in used][:want]:
+                    self._start_consumer(cfg, index, 0, host)
 
     # -- dispatch ----------------------------------------------------------------------------
     def _batch_size(self, pool: str) -> int:
@@ -278,13 +417,14 @@ class Coordinator:
                 continue  # backpressure on a stage whose downstream queue is full
             size = self._batch_size(pool)
             for proc in self._pool_procs(pool):
-                while proc.ready and len(proc.outstanding) < PREFETCH and self.ledger.pending[pool]:
+                prefetch = PREFETCH_REMOTE if proc.remote else PREFETCH
+                while proc.ready and len(proc.outstanding) < prefetch and self.ledger.pending[pool]:
                     most = size
                     if cfg.max_jobs_per_process:
                         most = min(most, cfg.max_jobs_per_process - proc.assigned)
                         if most <= 0:
                             break
-                    batch = self.ledger.take(pool, most, proc.name)
+                    batch = self.ledger.take(pool, most, proc.key)
                     assert batch is not None
                     self._hand_over(proc, batch)
 
@@ -295,19 +435,25 @@ class Coordinator:
         producer = batch.credit_to
         if producer and producer in self.credit:
             self.credit[producer] += batch.n
-            target = self.procs.procs.get(producer)
+            target = self._find(producer)
             if target is not None:
                 self._send(target, [CREDIT, batch.n])
         batch.credit_to = None
 
     # -- frames ------------------------------------------------------------------------------
     def _read(self, proc: Proc) -> None:
+        assert proc.reader is not None
         for frame in proc.reader.read():
-            try:
-                message = protocol.unpack(frame)
-                self._on_message(proc, message)
-            except ProtocolError as exc:
-                self.log.error("protocol.error", peer=proc.name, error=str(exc))
+            self.on_frame(proc, frame)
+
+    def on_frame(self, proc: Proc, frame: bytes) -> None:
+        """One frame from a process, local or relayed by its worker host."""
+        try:
+            self._on_message(proc, protocol.unpack(frame))
+        except ProtocolError as exc:
+            self.log.error("protocol.error", peer=proc.key, error=str(exc))
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            self.log.error("protocol.error", peer=proc.key, error=f"malformed message: {exc!r}")
 
     def _on_message(self, proc: Proc, message: list[Any]) -> None:
         kind = message[0]
@@ -318,6 +464,8 @@ class Coordinator:
         elif kind == BATCH:
             self._on_batch(proc, message[1], message[2], message[3])
         elif kind == READY:
+            if proc.remote and len(message) > 1:
+                proc.pid = message[1]
             proc.ready = True
             proc.idle_since = time.monotonic()
             self.log.info("worker.started", pool=proc.pool, worker=proc.name, role=proc.role, pid=proc.pid, restart=proc.restart, host=proc.host)
@@ -327,8 +475,8 @@ class Coordinator:
             self._on_end(proc, *message[1:])
         elif kind == INVALID:
             pool = self.run_cfg.target_of(self.run_cfg.pool(proc.pool))  # type: ignore[arg-type]
-            job = Job(self.ledger.new_job_id(), pool, 0, message[2], proc.name)
-            self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message[1], origin=proc.name)
+            job = Job(self.ledger.new_job_id(), pool, 0, message[2], proc.key)
+            self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message[1], origin=proc.key)
             self._dead_letter(job, message[1], None, attempts=0)
         elif kind == FATAL:
             proc.fatal = (message[1], message[2])
@@ -337,14 +485,14 @@ class Coordinator:
         if pool not in self.consumers:
             self.log.error("protocol.error", peer=proc.name, error=f"batch for unknown pool {pool!r}")
             return
-        batch = self.ledger.add(pool, n, blob, proc.name, credit_to=proc.name)
-        if proc.name in self.credit:
-            self.credit[proc.name] -= n
-            if self.credit[proc.name] <= 0:
+        batch = self.ledger.add(pool, n, blob, proc.key, credit_to=proc.key)
+        if proc.key in self.credit:
+            self.credit[proc.key] -= n
+            if self.credit[proc.key] <= 0:
                 self._queue_full(pool)
         if self.run_cfg.logs.jobs == "all":
             for i in range(n):
-                self.log.info("job.queued", pool=pool, job_id=batch.first_id + i, origin=proc.name)
+                self.log.info("job.queued", pool=pool, job_id=batch.first_id + i, origin=proc.key)
 
     def _queue_full(self, pool: str) -> None:
         now = time.monotonic()
@@ -357,7 +505,7 @@ class Coordinator:
             return
         proc.ended = True
         self.producers_open -= 1
-        self.credit.pop(proc.name, None)
+        self.credit.pop(proc.key, None)
         if status == "failed":
             self.producer_failed = True
             self.log.error("producer.failed", pool=proc.pool, worker=proc.name, error=error, traceback=trace, jobs=jobs)
@@ -365,7 +513,7 @@ class Coordinator:
 
     def _on_report(self, proc: Proc, batch_id: int, done: int, results: Any, failures: list[Any], emits: list[Any], hist: dict[int, int]) -> None:
         batch = self.ledger.in_flight.get(batch_id)
-        if batch is None or batch.owner != proc.name:
+        if batch is None or batch.owner != proc.key:
             self.log.warning("report.stale", peer=proc.name, batch=batch_id)
             return
         newly = self.ledger.progress(batch, done)
@@ -376,8 +524,8 @@ class Coordinator:
         ok = len(newly) - len(failures)
         stats.done += ok
         proc.done += ok
-        self.worker_stats[proc.name]["done"] += ok
-        self.worker_stats[proc.name]["failed"] += len(failures)
+        self.worker_stats[proc.key]["done"] += ok
+        self.worker_stats[proc.key]["failed"] += len(failures)
         if ok:
             self.crash_streak[batch.pool] = 0
         if results and self.results is not None:
@@ -385,10 +533,10 @@ class Coordinator:
         for pool, n, blob in emits:
             if pool in self.consumers:
                 self.emits_to[batch.pool].add(pool)
-                emitted = self.ledger.add(pool, n, blob, proc.name)
+                emitted = self.ledger.add(pool, n, blob, proc.key)
                 if self.run_cfg.logs.jobs == "all":
                     for i in range(n):
-                        self.log.info("job.queued", pool=pool, job_id=emitted.first_id + i, origin=proc.name)
+                        self.log.info("job.queued", pool=pool, job_id=emitted.first_id + i, origin=proc.key)
         if hist:
             self._merge_hist(batch.pool, hist)
         if done >= batch.n and batch_id in proc.outstanding:
@@ -413,7 +561,8 @@ class Coordinator:
         stats.failed += 1
         quiet = self.run_cfg.logs.jobs == "none"
         if not logged and not quiet:
-            self.log.warning("job.failed", pool=job.pool, worker=proc.name if proc else None, job_id=job.id, attempt=job.attempt, error=error, origin=job.origin)
+            self.log.warning("job.failed", pool=job.pool, worker=proc.name if proc else None, host=proc.host if proc else None,
+                             job_id=job.id, attempt=job.attempt, error=error, origin=job.origin)
         if job.attempt <= cfg.retries:
             delay = min(cfg.retry_backoff * 2 ** (job.attempt - 1), 60.0)
             job.attempt += 1
@@ -435,28 +584,32 @@ class Coordinator:
 
     def _on_lock(self, proc: Proc, op: str, name: str, request: int) -> None:
         if op == "acquire":
-            if self.locks.acquire(name, proc.name, request):
+            if self.locks.acquire(name, proc.key, request):
                 self._send(proc, [GRANT, name, request])
         else:
-            handed = self.locks.release(name, proc.name)
+            handed = self.locks.release(name, proc.key)
             if handed:
                 self._grant(name, *handed)
 
     def _grant(self, name: str, who: str, request: int) -> None:
-        proc = self.procs.procs.get(who)
+        proc = self._find(who)
         if proc is not None:
             self._send(proc, [GRANT, name, request])
 
     # -- exits -------------------------------------------------------------------------------
-    def _on_exit(self, proc: Proc) -> None:
-        running = proc.running_job()
-        pid = proc.pid
+    def _on_local_exit(self, proc: Proc) -> None:
         ended = self.procs.reap(proc)
         self.procs.forget(proc)
+        self.on_exit(proc, ended)
+
+    def on_exit(self, proc: Proc, ended: Exit, host_gone: bool = False) -> None:
+        """A process ended (or its host was lost): settle what it held, log why, restart if needed."""
+        running = None if host_gone else proc.running_job()
+        pid = proc.pid
         now = time.monotonic()
-        held, handed = self.locks.drop(proc.name)
+        held, handed = self.locks.drop(proc.key)
         for name in held:
-            self.log.warning("lock.broken", name=name, holder=proc.name)
+            self.log.warning("lock.broken", name=name, holder=proc.key)
         for name, who, request in handed:
             self._grant(name, who, request)
         charged: Job | None = None
@@ -480,15 +633,15 @@ class Coordinator:
             reason = proc.stop_reason or ("done" if proc.role == "producer" else "stopped")
             self.log.info("worker.exited", **fields, code=0, reason=reason, jobs=proc.done, requeued=len(requeue))
             if reason == "recycled" and self.state == "running":
-                self._start_consumer(self.consumers[proc.pool], proc.index, proc.restart + 1)
+                self._start_consumer(self.consumers[proc.pool], proc.index, proc.restart + 1, proc.host)
             return
-        self.worker_stats[proc.name]["crashes"] += 1
+        self.worker_stats[proc.key]["crashes"] += 1
         self.log.error("worker.crashed", **fields, code=ended.code, signal=ended.signal, reason=ended.reason,
                        job_id=charged.id if charged else None, requeued=len(requeue),
                        traceback=proc.fatal[1] if proc.fatal else None)
         if charged is not None:
             self._job_failed(charged, f"worker {proc.name} {ended.reason}", None, proc, logged=False)
-        if proc.role != "consumer" or self.state != "running":
+        if proc.role != "consumer" or self.state != "running" or host_gone:
             return
         cfg = self.consumers[proc.pool]
         if proc.done == 0 and charged is None:
@@ -499,7 +652,7 @@ class Coordinator:
             self._fail(now, reason)
             return
         delay = min(0.05 * 2 ** self.crash_streak[proc.pool], 5.0) if self.crash_streak[proc.pool] else 0.0
-        self.restarts.append((now + delay, proc.pool, proc.index, proc.restart + 1))
+        self.restarts.append((now + delay, proc.pool, proc.index, proc.restart + 1, proc.host))
 
     # -- reporting ---------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -517,6 +670,29 @@ class Coordinator:
         self._last_done = counts["done"]
         self.log.info("progress", **{k: counts[k] for k in ("produced", "done", "failed", "dead", "queued", "in_flight")},
                       rate=round(rate, 1), elapsed_s=round(elapsed, 3))
+
+    def status(self) -> dict[str, Any]:
+        """What `runner status` shows: hosts, pools, processes, queues, counts, rate."""
+        now = time.monotonic()
+        procs = self.all_procs()
+        hosts: dict[str, Any] = {self.host: {"address": "local", "processes": 0}}
+        if self.remote is not None:
+            for host in self.remote.hosts.values():
+                hosts[host.name] = {"address": "remote", "processes": 0, "pid": host.pid, "last_seen_s": round(now - host.last_seen, 3)}
+        pools: dict[str, Any] = {}
+        for proc in procs:
+            hosts.setdefault(proc.host, {"processes": 0})["processes"] += 1
+            entry = pools.setdefault(proc.pool, {"role": proc.role, "processes": 0, "ready": 0, "in_flight_batches": 0})
+            entry["processes"] += 1
+            entry["ready"] += int(proc.ready)
+            entry["in_flight_batches"] += len(proc.outstanding)
+        for name, stats in self.ledger.stats.items():
+            pools.setdefault(name, {"role": "consumer", "processes": 0}).update(
+                queued=self.ledger.queued(name), done=stats.done, failed=stats.failed, dead=stats.dead, retried=stats.retried)
+        return {"run_id": self.run_id, "name": self.run_cfg.name, "state": self.state, "pid": os.getpid(),
+                "elapsed_s": round(now - self.started, 3), "rate": self.progress.rate, "counts": self.counts(),
+                "hosts": hosts, "pools": pools, "processes": [
+                    {"worker": p.name, "host": p.host, "pool": p.pool, "pid": p.pid, "ready": p.ready, "batches": len(p.outstanding)} for p in procs]}
 
     def pool_summary(self) -> dict[str, dict[str, Any]]:
         elapsed = max(time.monotonic() - self.started, 1e-9)

@@ -59,7 +59,7 @@ def configure(level: str, sink: Callable[[dict[str, Any]], None], **context: Any
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         cache_logger_on_first_use=False,
     )
-    return structlog.get_logger().bind(host=HOST, pid=os.getpid(), **context)
+    return structlog.get_logger().bind(**{"host": HOST, "pid": os.getpid(), **context})
 
 
 def _json_default(value: Any) -> Any:

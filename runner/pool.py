@@ -13,10 +13,11 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
+
+import zmq
 
 from runner.transports.local import FrameReader
 from runner.worker import SLOT_BATCH, SLOT_INDEX, SLOT_STARTED, process_main
@@ -31,19 +32,22 @@ class Exit:
 
 @dataclass(eq=False)
 class Proc:
-    """One local process and what the coordinator knows of it."""
+    """One process, local or on a worker host, and what the coordinator knows of it."""
 
     name: str
     pool: str
     role: str
     index: int
     restart: int
-    process: BaseProcess
-    reader: FrameReader
-    inbox: Any
-    slot: Any
     host: str
     started_at: float
+    remote: bool = False
+    process: BaseProcess | None = None  #: local processes only: the handle, pipe, inbox and slot
+    reader: FrameReader | None = None
+    inbox: Any = None
+    slot: Any = None
+    pid: int | None = None
+    remote_running: tuple[int, int] | None = None  #: a remote process's job in hand when it ended
     ready: bool = False
     stop_reason: str | None = None  #: set when the coordinator asked it to stop
     kill_reason: str | None = None  #: set when the coordinator killed it
@@ -55,17 +59,20 @@ class Proc:
     ended: bool = False  #: producers: its stream ended
 
     @property
-    def pid(self) -> int | None:
-        return self.process.pid
+    def key(self) -> str:
+        """Unique in the run: `eater-2` here, `hostb/eater-2` on a worker host."""
+        return f"{self.host}/{self.name}" if self.remote else self.name
 
     def running_job(self) -> tuple[int, int] | None:
         """(batch id, index) of the job this process is running now, read from its shared slot."""
+        if self.slot is None:
+            return self.remote_running
         if self.slot[SLOT_STARTED] > 0:
             return int(self.slot[SLOT_BATCH]), int(self.slot[SLOT_INDEX])
         return None
 
     def job_started_at(self) -> float:
-        return float(self.slot[SLOT_STARTED])
+        return float(self.slot[SLOT_STARTED]) if self.slot is not None else 0.0
 
 
 def describe_exit(code: int | None) -> tuple[str | None, str]:
@@ -88,6 +95,7 @@ class LocalProcesses:
         self.procs: dict[str, Proc] = {}
         self._by_fd: dict[int, Proc] = {}
         self._by_sentinel: dict[int, Proc] = {}
+        self.poller = zmq.Poller()  #: pipes, sentinels and any socket or fd the owner registers
 
     def start(self, name: str, pool: str, role: str, index: int, spec: dict[str, Any], restart: int = 0) -> Proc:
         reader, writer = self.mp.Pipe(duplex=False)
@@ -97,22 +105,34 @@ class LocalProcesses:
         process = self.mp.Process(target=process_main, args=(role, spec, writer, inbox, slot), name=name, daemon=False)
         process.start()
         writer.close()  # only the child writes: its death is the pipe's end
-        proc = Proc(name, pool, role, index, restart, process, FrameReader(reader), inbox, slot, self.host, time.monotonic())
+        proc = Proc(name, pool, role, index, restart, self.host, time.monotonic(), process=process,
+                    reader=FrameReader(reader), inbox=inbox, slot=slot, pid=process.pid)
         self.procs[name] = proc
-        self._by_fd[proc.reader.fd] = proc
+        self._by_fd[proc.reader.fd] = proc  # type: ignore[union-attr]
         self._by_sentinel[process.sentinel] = proc
+        self.poller.register(proc.reader.fd, zmq.POLLIN)  # type: ignore[union-attr]
+        self.poller.register(process.sentinel, zmq.POLLIN)
         return proc
 
-    def wait(self, timeout: float, extra: list[int]) -> tuple[list[Proc], list[Proc]]:
-        """Block until a pipe has data, a process ended or an `extra` fd is readable: (readable, ended)."""
-        handles = [*self._by_fd, *self._by_sentinel, *extra]
-        ready = wait(handles, timeout) if handles else []
-        readable = [self._by_fd[h] for h in ready if h in self._by_fd]  # type: ignore[index]
-        ended = [self._by_sentinel[h] for h in ready if h in self._by_sentinel]  # type: ignore[index]
-        return readable, ended
+    def wait(self, timeout: float) -> tuple[list[Proc], list[Proc], set[Any]]:
+        """Block until a pipe has data, a process ended or a registered socket/fd is ready.
+
+        Returns (readable processes, ended processes, other ready sockets and fds).
+        """
+        ready = self.poller.poll(timeout * 1000)
+        readable, ended, other = [], [], set()
+        for handle, _ in ready:
+            if handle in self._by_fd:
+                readable.append(self._by_fd[handle])
+            elif handle in self._by_sentinel:
+                ended.append(self._by_sentinel[handle])
+            else:
+                other.add(handle)
+        return readable, ended, other
 
     def reap(self, proc: Proc) -> Exit:
         """Collect an ended process (no zombie stays behind) and say why it ended."""
+        assert proc.process is not None
         proc.process.join()
         code = proc.process.exitcode
         sig, reason = describe_exit(code)
@@ -120,8 +140,11 @@ class LocalProcesses:
             reason = proc.kill_reason
         elif proc.fatal:
             reason = proc.fatal[0]
+        assert proc.process is not None and proc.reader is not None
         self._by_fd.pop(proc.reader.fd, None)
         self._by_sentinel.pop(proc.process.sentinel, None)
+        self.poller.unregister(proc.reader.fd)
+        self.poller.unregister(proc.process.sentinel)
         self.procs.pop(proc.name, None)
         proc.process.close()
         proc.inbox.close()
@@ -129,7 +152,8 @@ class LocalProcesses:
         return Exit(code, sig, reason)
 
     def forget(self, proc: Proc) -> None:
-        proc.reader.close()
+        if proc.reader is not None:
+            proc.reader.close()
 
     def send(self, proc: Proc, frame: bytes) -> None:
         proc.inbox.put(frame)

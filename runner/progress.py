@@ -21,8 +21,8 @@ class Progress:
         self.tty = tty
         self._live: Live | None = None
         self._last = 0.0
-        self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
-        self._rate = 0.0
+        self.rate_mark: tuple[float, int] = (time.monotonic(), 0)
+        self.rate = 0.0
 
     def start(self, coordinator: Coordinator) -> None:
         if self.tty:
@@ -31,18 +31,20 @@ class Progress:
 
     def update(self, coordinator: Coordinator) -> None:
         now = time.monotonic()
-        if self._live is None or now - self._last < 0.25:
+        if now - self._last < 0.25:
             return
         self._last = now
-        self._live.update(self._render(coordinator))
+        text = self._render(coordinator)
+        if self._live is not None:
+            self._live.update(text)
 
     def _render(self, coordinator: Coordinator) -> Text:
         counts = coordinator.counts()
         now = time.monotonic()
-        mark_time, mark_done = self._rate_mark
+        mark_time, mark_done = self.rate_mark
         if now - mark_time >= 1.0:
-            self._rate = (counts["done"] - mark_done) / (now - mark_time)
-            self._rate_mark = (now, counts["done"])
+            self.rate = (counts["done"] - mark_done) / (now - mark_time)
+            self.rate_mark = (now, counts["done"])
         elapsed = now - coordinator.started
         full = [pool for pool, at in coordinator.last_full.items() if now - at < 5.0]
         text = Text()
@@ -51,7 +53,7 @@ class Progress:
             style = "red" if key in ("failed", "dead") and counts[key] else ""
             text.append(f"{key.replace('_', ' ')} ", style="dim")
             text.append(f"{counts[key]:,}  ", style=style)
-        text.append(f"{self._rate:,.0f} jobs/s  ", style="cyan")
+        text.append(f"{self.rate:,.0f} jobs/s  ", style="cyan")
         text.append(f"{int(elapsed // 60):02d}:{elapsed % 60:04.1f}", style="dim")
         if full:
             text.append(f"  queue full: {', '.join(full)}", style="yellow")

@@ -108,14 +108,14 @@ class ProcessLoop:
         _die_with_parent()
         spec = self.spec
         self.log = logs.configure(
-            spec["log_level"], self._log_sink, run_id=spec["run_id"], role=spec["role"], pool=spec["pool"], worker=spec["worker"]
+            spec["log_level"], self._log_sink, run_id=spec["run_id"], host=spec["host"], role=spec["role"], pool=spec["pool"], worker=spec["worker"]
         )
         try:
             self.task = import_task(spec["task"], spec.get("base_dir"))
         except Exception as exc:
             self.send([FATAL, str(exc), traceback.format_exc()])
             return False
-        self.send([READY])
+        self.send([READY, os.getpid()])
         return True
 
     def _on_term(self, signum: int, frame: Any) -> None:

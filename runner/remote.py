@@ -1,0 +1,218 @@
+"""The coordinator's side of worker hosts: handshake, relaying, heartbeats, loss, control requests.
+
+A worker host's processes are Procs like local ones (remote=True): the coordinator's ledger, dispatch
+and lifecycle decisions are the same; only start, send and signal travel over ZeroMQ. A host silent
+for `heartbeat.timeout` is lost: its processes count as ended and their jobs go back to the queue.
+Messages from a session the coordinator no longer knows get RESET, so a host that comes back after
+a partition drops its stale work and joins again instead of double-counting.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from runner.errors import ProtocolError
+from runner.pool import Exit, Proc
+from runner.transports import zeromq as wire
+
+if TYPE_CHECKING:
+    from runner.coordinator import Coordinator
+
+
+@dataclass(eq=False)
+class RemoteHost:
+    identity: bytes
+    name: str
+    pools: list[str]
+    processes: int | None  #: per pool; None: the pool's own `processes`
+    pid: int
+    last_seen: float
+    procs: dict[str, Proc] = field(default_factory=dict)
+    leaving: bool = False
+
+    def capacity(self, configured: int) -> int:
+        return self.processes if self.processes is not None else configured
+
+
+class RemoteHosts:
+    def __init__(self, coordinator: Coordinator, context: zmq.Context, address: str, keys: wire.CoordinatorKeys | None) -> None:
+        self.coordinator = coordinator
+        self.log = coordinator.log
+        self.address = address
+        self.sock, self.auth, self.refusals = wire.bind_router(context, address, keys)
+        self.hosts: dict[bytes, RemoteHost] = {}
+        self.heartbeat = coordinator.run_cfg.heartbeat
+        self._next_beat = 0.0
+
+    def by_name(self, name: str) -> RemoteHost | None:
+        return next((h for h in self.hosts.values() if h.name == name), None)
+
+    # -- receiving ---------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Handle every message waiting on the socket (never blocks, never raises on bad input)."""
+        while True:
+            try:
+                parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            identity, rest = parts[0], parts[1:]
+            try:
+                kind, fields, frame = wire.parse(rest)
+                self._on_message(identity, kind, fields, frame)
+            except ProtocolError as exc:
+                host = self.hosts.get(identity)
+                self.log.error("protocol.error", peer=host.name if host else identity.hex(), error=str(exc))
+            except (TypeError, ValueError, IndexError, KeyError) as exc:
+                host = self.hosts.get(identity)
+                self.log.error("protocol.error", peer=host.name if host else identity.hex(), error=f"malformed message: {exc!r}")
+        while self.refusals.seen:
+            self.log.warning("host.refused", reason=self.refusals.seen.popleft())
+
+    def _send(self, identity: bytes, kind: int, *fields: Any, frame: bytes | None = None) -> None:
+        parts = [identity, wire.header(kind, *fields)]
+        if frame is not None:
+            parts.append(frame)
+        try:
+            self.sock.send_multipart(parts, zmq.NOBLOCK)
+        except zmq.Again:
+            host = self.hosts.get(identity)
+            self.log.warning("host.backlog", host=host.name if host else identity.hex(), error="send queue full; message dropped")
+
+    def _on_message(self, identity: bytes, kind: int, fields: list[Any], frame: bytes | None) -> None:
+        coordinator = self.coordinator
+        if kind == wire.STATUS:
+            self._send(identity, wire.REPLY, coordinator.status())
+            return
+        if kind == wire.STOP_RUN:
+            coordinator.request_stop("runner stop")
+            self._send(identity, wire.REPLY, {"ok": True, "run_id": coordinator.run_id})
+            return
+        if kind == wire.HELLO:
+            self._on_hello(identity, fields)
+            return
+        host = self.hosts.get(identity)
+        if host is None:
+            if kind != wire.BYE:
+                self._send(identity, wire.RESET, "unknown session: join again")
+            return
+        host.last_seen = time.monotonic()
+        if kind == wire.FWD:
+            proc = host.procs.get(fields[0])
+            if proc is None or frame is None:
+                raise ProtocolError(f"frame from unknown process {fields[0]!r}")
+            coordinator.on_frame(proc, frame)
+        elif kind == wire.EXITED:
+            worker, code, signal_name, reason, running, fatal = fields[:6]
+            proc = host.procs.pop(worker, None)
+            if proc is not None:
+                proc.remote_running = tuple(running) if running else None  # type: ignore[assignment]
+                if fatal:
+                    proc.fatal = tuple(fatal)  # type: ignore[assignment]
+                coordinator.on_exit(proc, Exit(code, signal_name, reason))
+        elif kind == wire.BYE:
+            self._drop(host, "host.left", f"left: {fields[0] if fields else 'bye'}")
+        elif kind != wire.HEARTBEAT:
+            raise ProtocolError(f"unexpected message kind {kind} from a worker")
+
+    def _on_hello(self, identity: bytes, fields: list[Any]) -> None:
+        name, pools, processes, pid, run = fields[:5]
+        coordinator = self.coordinator
+        if not isinstance(name, str) or not isinstance(pools, list):
+            raise ProtocolError("malformed HELLO")
+        if run and run not in (coordinator.run_id, coordinator.run_cfg.name):
+            self._send(identity, wire.REFUSE, f"this coordinator runs {coordinator.run_id}, not {run}")
+            return
+        known = coordinator.run_cfg
+        all_pools = [p.name for p in known.producers] + [c.name for c in known.consumers]
+        unknown = [p for p in pools if p not in all_pools]
+        if unknown:
+            self._send(identity, wire.REFUSE, f"no pool {', '.join(unknown)} in run {coordinator.run_id}; pools are {', '.join(all_pools)}")
+            return
+        if coordinator.state != "running":
+            self._send(identity, wire.REFUSE, f"run {coordinator.run_id} is {coordinator.state}")
+            return
+        old = self.hosts.get(identity)
+        if old is not None:
+            self._drop(old, "host.lost", "joined again: its earlier session is void")
+        taken = {h.name for h in self.hosts.values()}
+        unique, n = name, 2
+        while unique in taken or unique == coordinator.host:
+            unique, n = f"{name}-{n}", n + 1
+        host = RemoteHost(identity, unique, pools or [c.name for c in known.consumers], processes, pid, time.monotonic())
+        self.hosts[identity] = host
+        specs = {pool: coordinator.pool_spec(pool) for pool in host.pools}
+        self._send(identity, wire.WELCOME, coordinator.run_id, known.name, unique, specs,
+                   {"interval": self.heartbeat.interval, "timeout": self.heartbeat.timeout}, known.start_method)
+        coordinator.log.info("host.joined", host=unique, pools=host.pools, processes=processes, agent_pid=pid)
+        coordinator.on_host_joined(host)
+
+    # -- sending -----------------------------------------------------------------------------
+    def spawn(self, host: RemoteHost, name: str, pool: str, role: str, index: int, restart: int, spec: dict[str, Any]) -> Proc:
+        proc = Proc(name, pool, role, index, restart, host.name, time.monotonic(), remote=True)
+        host.procs[name] = proc
+        self._send(host.identity, wire.SPAWN, name, pool, role, index, restart, spec)
+        return proc
+
+    def send(self, proc: Proc, frame: bytes) -> None:
+        host = self.by_name(proc.host)
+        if host is not None:
+            self._send(host.identity, wire.TO, proc.name, frame=frame)
+
+    def signal(self, proc: Proc, signum: int, reason: str | None) -> None:
+        host = self.by_name(proc.host)
+        if reason and not proc.kill_reason:
+            proc.kill_reason = reason
+        if host is not None:
+            self._send(host.identity, wire.SIGNAL, proc.name, signum, reason)
+
+    def procs(self) -> list[Proc]:
+        return [proc for host in self.hosts.values() for proc in host.procs.values()]
+
+    # -- time --------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        if now >= self._next_beat:
+            self._next_beat = now + self.heartbeat.interval
+            for host in list(self.hosts.values()):
+                self._send(host.identity, wire.HEARTBEAT)
+        for host in list(self.hosts.values()):
+            silent = now - host.last_seen
+            if silent > self.heartbeat.timeout:
+                self._drop(host, "host.lost", f"no heartbeat for {silent:.1f}s (heartbeat.timeout {self.heartbeat.timeout:g}s)")
+
+    def _drop(self, host: RemoteHost, event: str, reason: str) -> None:
+        """A host is gone: its processes end now and their jobs go back to the queue."""
+        self.hosts.pop(host.identity, None)
+        level = "error" if event == "host.lost" else "info"
+        getattr(self.log, level)(event, host=host.name, reason=reason, processes=len(host.procs))
+        for proc in list(host.procs.values()):
+            host.procs.pop(proc.name, None)
+            self.coordinator.on_exit(proc, Exit(None, None, f"host {host.name} {reason}"), host_gone=True)
+
+    def close(self, reason: str, wait: float = 2.0) -> None:
+        """Tell every host the run is over and wait (briefly) for each to answer: delivery by acknowledgement,
+        not by linger."""
+        waiting = set(self.hosts)
+        for identity in waiting:
+            self._send(identity, wire.BYE, reason)
+        deadline = time.monotonic() + wait
+        while waiting and time.monotonic() < deadline:
+            if not self.sock.poll(50):
+                continue
+            parts = self.sock.recv_multipart()
+            try:
+                kind, _, _ = wire.parse(parts[1:])
+            except ProtocolError:
+                continue
+            if kind == wire.BYE:
+                waiting.discard(parts[0])
+            elif parts[0] in waiting and kind != wire.BYE:
+                self._send(parts[0], wire.BYE, reason)
+        for identity in waiting:
+            self.log.warning("host.left", host=self.hosts[identity].name, reason="did not acknowledge the end of the run")
+        self.sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()

@@ -80,7 +80,9 @@ class Coordinator:
         self.started = time.monotonic()
         self.producers_open = 0
         self.producer_failed = False
-        self.credit: dict[str, int] = {}  #: jobs each live producer may still send
+        self.credit: dict[str, int] = {}  #: jobs each live producer may still send (as we count it)
+        self.credit_owed: dict[str, int] = {}  #: credit returned but not yet sent
+        self.credit_share: dict[str, int] = {}
         self.crash_streak = {pool: 0 for pool in self.consumers}
         self.restarts: list[tuple[float, str, int, int, str]] = []  #: (due, pool, index, restart, host)
         self.worker_stats: dict[str, dict[str, Any]] = {}
@@ -308,7 +310,8 @@ class Coordinator:
         stats = self.worker_stats.setdefault(proc.key, {"pool": pool, "host": proc.host, "done": 0, "failed": 0, "crashes": 0, "restarts": 0})
         stats["restarts"] += 1 if restart else 0
         if role == "producer":
-            self.credit[proc.key] = spec["credit"]
+            self.credit[proc.key] = self.credit_share[proc.key] = spec["credit"]
+            self.credit_owed[proc.key] = 0
             self.producers_open += 1
         return proc
 
@@ -434,11 +437,21 @@ class Coordinator:
         self._send(proc, batch.message())
         producer = batch.credit_to
         if producer and producer in self.credit:
-            self.credit[producer] += batch.n
+            self._return_credit(producer, batch.n)
+        batch.credit_to = None
+
+    def _return_credit(self, producer: str, n: int) -> None:
+        """Jobs left the queue: the producer may send as many more. Sent in bulk, not per batch,
+        unless the producer is running low (then at once, so it never waits on us)."""
+        self.credit[producer] += n
+        owed = self.credit_owed.get(producer, 0) + n
+        share = self.credit_share.get(producer, 1)
+        if owed * 4 >= share or self.credit[producer] - owed < share // 4 or owed >= self.run_cfg.queue.batch * 8:
             target = self._find(producer)
             if target is not None:
-                self._send(target, [CREDIT, batch.n])
-        batch.credit_to = None
+                self._send(target, [CREDIT, owed])
+            owed = 0
+        self.credit_owed[producer] = owed
 
     # -- frames ------------------------------------------------------------------------------
     def _read(self, proc: Proc) -> None:

@@ -38,6 +38,8 @@ PREFETCH_REMOTE = 4
 TARGET_BATCH_S = 0.02
 #: supervision tick when nothing happens (job timeouts, idle processes, retries)
 TICK_S = 0.1
+#: per-process checks (job timeouts, idle, scaling, heartbeats) run at most this often
+SUPERVISE_S = 0.02
 
 
 def make_run_id(name: str) -> str:
@@ -90,6 +92,7 @@ class Coordinator:
         self.mean_job_s: dict[str, float] = {}
         self.last_full: dict[str, float] = {}
         self.next_progress = 0.0
+        self._next_supervise = 0.0
         self._last_done = 0
         self._wake_r, self._wake_w = os.pipe()
 
@@ -234,18 +237,23 @@ class Coordinator:
         due = self.ledger.due_retries(now)
         if due:
             self.ledger.regroup(due, front=True)
-        self._check_job_timeouts(now)
+        supervise = now >= self._next_supervise
+        if supervise:  # the per-process checks, at most every SUPERVISE_S however busy the loop is
+            self._next_supervise = now + SUPERVISE_S
+            self._check_job_timeouts(now)
+            if self.remote is not None:
+                self.remote.tick(now)
         if self.state == "running":
-            self._start_due_restarts(now)
+            if supervise:
+                self._start_due_restarts(now)
             self._dispatch(now)
-            self._manage_pools(now)
+            if supervise:
+                self._manage_pools(now)
             if self.producers_open == 0 and self.ledger.settled() and not self.restarts:
                 self.state = "draining"
                 self.deadline = now + self.run_cfg.shutdown.grace
                 for proc in self.all_procs():
                     self._stop(proc, "done")
-        if self.remote is not None:
-            self.remote.tick(now)
         if self.state in ("stopping", "draining") and self.deadline is not None and now > self.deadline:
             self._signal_all(signal.SIGKILL, f"killed: still running {self.run_cfg.shutdown.grace:g}s after the stop")
             self.deadline = None
@@ -529,6 +537,8 @@ class Coordinator:
         if batch is None or batch.owner != proc.key:
             self.log.warning("report.stale", peer=proc.name, batch=batch_id)
             return
+        if not batch.done <= done <= batch.n or any(not batch.done <= f[0] < done for f in failures):
+            raise ProtocolError(f"report for batch {batch_id} out of range (done {done} of {batch.n})")
         newly = self.ledger.progress(batch, done)
         stats = self.ledger.stats[batch.pool]
         for index, error, trace, _ms in failures:

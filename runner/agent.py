@@ -163,10 +163,16 @@ class Session:
                 raise SessionEnded("usage", f"{exc} (on host {self.host}; install the task code here or pass --path)") from exc
 
     def _send(self, kind: int, *fields: Any, frame: bytes | None = None) -> None:
+        """Send, waiting (at most the heartbeat timeout) while ZeroMQ's queue to the coordinator is full."""
         parts = [wire.header(kind, *fields)]
         if frame is not None:
             parts.append(frame)
-        self.sock.send_multipart(parts)
+        try:
+            self.sock.send_multipart(parts, zmq.NOBLOCK)
+        except zmq.Again:
+            if not self.sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
+                raise SessionEnded("lost", "the coordinator has not taken messages for the heartbeat timeout") from None
+            self.sock.send_multipart(parts)
 
     def run(self) -> None:
         try:

@@ -79,8 +79,11 @@ class RemoteHosts:
         try:
             self.sock.send_multipart(parts, zmq.NOBLOCK)
         except zmq.Again:
+            # Never drop a message silently: the ledger would wait for it for ever. A host this far
+            # behind is treated as lost, and what it held goes back to the queue.
             host = self.hosts.get(identity)
-            self.log.warning("host.backlog", host=host.name if host else identity.hex(), error="send queue full; message dropped")
+            if host is not None:
+                self._drop(host, "host.lost", "its send queue is full (it stopped reading)")
 
     def _on_message(self, identity: bytes, kind: int, fields: list[Any], frame: bytes | None) -> None:
         coordinator = self.coordinator

@@ -25,6 +25,10 @@ from runner.task import import_task
 from runner.transports import zeromq as wire
 
 
+#: how long to wait for the coordinator's answer to one HELLO
+HANDSHAKE_S = 3.0
+
+
 class SessionEnded(Exception):
     """The current session with a coordinator is over; `outcome` says how."""
 
@@ -48,6 +52,7 @@ class Agent:
         self.say = say
         self.extra_path = extra_path
         self.stop_signal: int | None = None
+        self.joined = False
         self.context = zmq.Context()
 
     def run(self) -> ExitCode:
@@ -90,7 +95,8 @@ class Agent:
                     self.say(f"error: no coordinator at {self.address} for {self.give_up:g}s ({end.detail}); giving up. "
                              "Is it running, and are the address and keys right?")
                     return ExitCode.FAILED
-                self.say(f"coordinator lost ({end.detail}); joining again in {delay:.1f}s")
+                what = "coordinator lost" if end.outcome in ("lost", "reset") and self.joined else "waiting for the coordinator"
+                self.say(f"{what} ({end.detail}); trying again in {delay:.1f}s")
                 if self._pause(delay):
                     return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
                 delay = min(delay * 2, 5.0) * random.uniform(0.8, 1.2)
@@ -113,19 +119,19 @@ class Agent:
             sock.close(0)
 
     def _handshake(self, sock: zmq.Socket) -> list[Any]:
-        hello = wire.header(wire.HELLO, self.name, self.pools, self.processes, os.getpid(), self.run_filter)
-        deadline = time.monotonic() + max(self.give_up, 1.0)
+        """One HELLO per socket (a new socket for every attempt), so a slow answer never makes two sessions."""
+        sock.send(wire.header(wire.HELLO, self.name, self.pools, self.processes, os.getpid(), self.run_filter))
+        deadline = time.monotonic() + HANDSHAKE_S
         while time.monotonic() < deadline:
             if self.stop_signal is not None:
                 raise SessionEnded("stopped")
-            sock.send(hello)
-            if sock.poll(1000):
+            if sock.poll(100):
                 kind, fields, _ = wire.parse(sock.recv_multipart())
                 if kind == wire.WELCOME:
                     return fields
                 if kind == wire.REFUSE:
                     raise SessionEnded("refused", fields[0])
-        raise SessionEnded("lost", "no answer to the handshake (wrong address, or a key the coordinator does not accept)")
+        raise SessionEnded("lost", "no answer to the handshake (not running yet, a wrong address, or a key the coordinator does not accept)")
 
 
 class Session:
@@ -143,6 +149,7 @@ class Session:
         self.last_heard = time.monotonic()
         self.next_beat = 0.0
         self.stopping = False
+        agent.joined = True
         agent.say(f"joined run {self.run_id} at {agent.address} as host {self.host}")
         self._check_imports()
 

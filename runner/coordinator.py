@@ -40,6 +40,8 @@ TARGET_BATCH_S = 0.02
 TICK_S = 0.1
 #: per-process checks (job timeouts, idle, scaling, heartbeats) run at most this often
 SUPERVISE_S = 0.02
+#: job ids listed in one log line, at most
+MAX_IDS_LOGGED = 1000
 
 
 def make_run_id(name: str) -> str:
@@ -95,6 +97,8 @@ class Coordinator:
         self._next_supervise = 0.0
         self._last_done = 0
         self._wake_r, self._wake_w = os.pipe()
+        self._served: dict[str, int] = {}  #: process key -> when it last got a batch (a counter), for fair dispatch
+        self._served_count = 0
 
     # -- life of the run --------------------------------------------------------------------
     def run(self) -> ExitCode:
@@ -416,7 +420,7 @@ class Coordinator:
         mean = self.mean_job_s.get(pool)
         most = self.run_cfg.queue.batch
         if mean is None:
-            return min(most, 8)
+            return 1  # until a job's time is known: one job each, so the first process (or host) cannot hoard them
         return max(1, min(most, int(TARGET_BATCH_S / mean) if mean > 0 else most))
 
     def _dispatch(self, now: float) -> None:
@@ -427,22 +431,30 @@ class Coordinator:
             if any(self.ledger.queued(down) >= maxsize for down in self.emits_to[pool]):
                 continue  # backpressure on a stage whose downstream queue is full
             size = self._batch_size(pool)
-            for proc in self._pool_procs(pool):
-                prefetch = PREFETCH_REMOTE if proc.remote else PREFETCH
-                while proc.ready and len(proc.outstanding) < prefetch and self.ledger.pending[pool]:
-                    most = size
-                    if cfg.max_jobs_per_process:
-                        most = min(most, cfg.max_jobs_per_process - proc.assigned)
-                        if most <= 0:
-                            break
-                    batch = self.ledger.take(pool, most, proc.key)
-                    assert batch is not None
-                    self._hand_over(proc, batch)
+            limit = cfg.max_jobs_per_process
+            procs = [p for p in self._pool_procs(pool) if p.ready]
+            while self.ledger.pending[pool]:
+                # one batch at a time to the least loaded process, the longest unserved first: local and
+                # remote processes share the queue fairly even when jobs trickle in one by one
+                room = [p for p in procs if len(p.outstanding) < (PREFETCH_REMOTE if p.remote else PREFETCH)
+                        and not (limit and p.assigned >= limit)]
+                if not room:
+                    break
+                proc = min(room, key=lambda p: (len(p.outstanding), self._served.get(p.key, 0)))
+                most = min(size, limit - proc.assigned) if limit else size
+                batch = self.ledger.take(pool, most, proc.key)
+                assert batch is not None
+                self._served_count += 1
+                self._served[proc.key] = self._served_count
+                self._hand_over(proc, batch)
 
     def _hand_over(self, proc: Proc, batch: Batch) -> None:
         proc.outstanding.append(batch.id)
         proc.assigned += batch.n
         self._send(proc, batch.message())
+        if self.run_cfg.logs.jobs == "all":
+            self.log.info("batch.sent", pool=batch.pool, worker=proc.name, host=proc.host,
+                          job_ids=[batch.job_id(i) for i in range(batch.n)], attempts=batch.attempts)
         producer = batch.credit_to
         if producer and producer in self.credit:
             self._return_credit(producer, batch.n)
@@ -578,14 +590,14 @@ class Coordinator:
         old = self.mean_job_s.get(pool)
         self.mean_job_s[pool] = mean if old is None else 0.7 * old + 0.3 * mean
 
-    def _job_failed(self, job: Job, error: str, trace: str | None, proc: Proc | None, logged: bool) -> None:
+    def _job_failed(self, job: Job, error: str, trace: str | None, proc: Proc | None, logged: bool, extra: dict[str, Any] | None = None) -> None:
         cfg = self.consumers[job.pool]
         stats = self.ledger.stats[job.pool]
         stats.failed += 1
         quiet = self.run_cfg.logs.jobs == "none"
         if not logged and not quiet:
             self.log.warning("job.failed", pool=job.pool, worker=proc.name if proc else None, host=proc.host if proc else None,
-                             job_id=job.id, attempt=job.attempt, error=error, origin=job.origin)
+                             job_id=job.id, attempt=job.attempt, error=error, origin=job.origin, **(extra or {}))
         if job.attempt <= cfg.retries:
             delay = min(cfg.retry_backoff * 2 ** (job.attempt - 1), 60.0)
             job.attempt += 1
@@ -630,6 +642,7 @@ class Coordinator:
         running = None if host_gone else proc.running_job()
         pid = proc.pid
         now = time.monotonic()
+        job_started = proc.job_started_at()
         held, handed = self.locks.drop(proc.key)
         for name in held:
             self.log.warning("lock.broken", name=name, holder=proc.key)
@@ -646,24 +659,35 @@ class Coordinator:
                     charged = job
                 else:
                     requeue.append(job)
+        # ended by the stop, not by itself: SIGKILLed after the grace / a second signal, or our SIGTERM hit it while it started
+        killed_by_stop = self.state == "stopping" and (proc.kill_reason or "").startswith("killed:")
+        stopped_starting = self.state == "stopping" and ended.signal == "SIGTERM" and not proc.ready and not proc.fatal
+        if charged is not None and killed_by_stop:
+            requeue.append(charged)  # not its job's fault: pending, no attempt charged
+            charged = None
         if requeue:
             self.ledger.regroup(requeue, front=True)
         fields = {"pool": proc.pool, "worker": proc.name, "role": proc.role, "host": proc.host, "pid": pid}
         if proc.role == "producer" and not proc.ended:
-            self._on_end(proc, "failed", 0, f"producer process {ended.reason}", proc.fatal[1] if proc.fatal else None)
-        clean = ended.code == 0 and charged is None and not proc.fatal
+            status = "stopped" if killed_by_stop or stopped_starting else "failed"
+            self._on_end(proc, status, 0, f"producer process {ended.reason}", proc.fatal[1] if proc.fatal else None)
+        clean = (ended.code == 0 or stopped_starting) and charged is None and not proc.fatal
         if clean:
             reason = proc.stop_reason or ("done" if proc.role == "producer" else "stopped")
-            self.log.info("worker.exited", **fields, code=0, reason=reason, jobs=proc.done, requeued=len(requeue))
+            self.log.info("worker.exited", **fields, code=ended.code, reason=reason, jobs=proc.done, requeued=len(requeue),
+                          requeued_ids=[job.id for job in requeue[:MAX_IDS_LOGGED]] or None)
             if reason == "recycled" and self.state == "running":
                 self._start_consumer(self.consumers[proc.pool], proc.index, proc.restart + 1, proc.host)
             return
         self.worker_stats[proc.key]["crashes"] += 1
         self.log.error("worker.crashed", **fields, code=ended.code, signal=ended.signal, reason=ended.reason,
                        job_id=charged.id if charged else None, requeued=len(requeue),
+                       requeued_ids=[job.id for job in requeue[:MAX_IDS_LOGGED]] or None,
                        traceback=proc.fatal[1] if proc.fatal else None)
         if charged is not None:
-            self._job_failed(charged, f"worker {proc.name} {ended.reason}", None, proc, logged=False)
+            duration = round((now - job_started) * 1000, 3) if job_started else None
+            self._job_failed(charged, f"worker {proc.name} {ended.reason}", None, proc, logged=False,
+                             extra={"pid": pid, "role": proc.role, "duration_ms": duration, "cause": "crash"})
         if proc.role != "consumer" or self.state != "running" or host_gone:
             return
         cfg = self.consumers[proc.pool]

@@ -45,7 +45,7 @@ class Batch:
         return self._payloads[index]
 
     def message(self) -> list[Any]:
-        return [protocol.JOBS, self.id, self.first_id, self.n, self.ids, self.attempts, self.blob]
+        return [protocol.JOBS, self.id, self.first_id, self.n, self.ids, self.attempts, self.blob, self.origin]
 
 
 @dataclass(slots=True)

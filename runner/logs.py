@@ -20,6 +20,15 @@ import structlog
 from rich.console import Console
 from rich.text import Text
 
+#: every event the runner itself writes (the log contract; README "Log events"); tools read this list
+EVENTS = frozenset({
+    "run.started", "run.stopping", "run.finished", "worker.started", "worker.exited", "worker.crashed", "pool.failed",
+    "producer.finished", "producer.failed", "job.queued", "batch.sent", "job.done", "job.failed", "job.retried", "job.dead",
+    "queue.full", "progress", "lock.broken", "protocol.error", "report.stale",
+    "host.joined", "host.lost", "host.left", "host.refused",
+})
+#: event namespaces that belong to the runner: a name in them that is not in EVENTS is unknown
+RESERVED_PREFIXES = ("run.", "worker.", "pool.", "producer.", "job.", "batch.", "queue.", "lock.", "host.", "protocol.", "report.")
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 #: the context every line carries, in the order it is written
 CONTEXT_KEYS = ("timestamp", "level", "event", "run_id", "host", "pid", "role", "pool", "worker")
@@ -113,6 +122,8 @@ class RunLog:
         self._file.write(text + "\n")
         event = str(line.get("event"))
         self.counts[event] = self.counts.get(event, 0) + 1
+        if LEVELS.get(str(line.get("level")), 20) >= LEVELS["warning"] or event == "progress":
+            self._file.flush()  # warnings at once, the rest each progress tick: readers of a live run (and a killed one) see them
         if self._tty:
             if event != "progress":
                 self._console.print(human(line), highlight=False, soft_wrap=True)

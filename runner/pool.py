@@ -103,7 +103,13 @@ class LocalProcesses:
         slot = self.mp.RawArray("d", 4)
         spec = {**spec, "worker": name, "index": index, "role": role, "pool": pool, "host": self.host}
         process = self.mp.Process(target=process_main, args=(role, spec, writer, inbox, slot), name=name, daemon=False)
-        process.start()
+        # Ctrl-C goes to the whole process group: a child still starting (or the forkserver) must not die of it.
+        # The mask is inherited (across exec too) until the child ignores SIGINT; ours is restored at once.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         writer.close()  # only the child writes: its death is the pipe's end
         proc = Proc(name, pool, role, index, restart, self.host, time.monotonic(), process=process,
                     reader=FrameReader(reader), inbox=inbox, slot=slot, pid=process.pid)

@@ -18,8 +18,8 @@ Process -> coordinator (over the process's own pipe; see transports/local.py):
   [FATAL, error, traceback]                start-up failed (import error ...); exit follows
 
 Coordinator -> process (over the process's inbox multiprocessing.Queue, as bytes):
-  [JOBS, batch_id, first_id, n, ids, attempts, blob]
-      n jobs; ids None: the ids are first_id, first_id + 1, ...; attempts None: every job is attempt 1
+  [JOBS, batch_id, first_id, n, ids, attempts, blob, origin]
+      n jobs from `origin` (the producing or emitting process); ids None: the ids are first_id, first_id + 1, ...; attempts None: every job is attempt 1
   [CREDIT, n]                              a producer may send n more jobs
   [GRANT, name, request]                   the named lock is yours
   [STOP, reason]                           finish what came before, then exit 0 (reason logged)

@@ -48,6 +48,7 @@ class Context:
         self.params: dict[str, Any] = spec.get("params", {})
         self.job_id: int | None = None
         self.attempt: int | None = None
+        self.origin: str | None = None  #: the process that produced or emitted the job
         self._job_log: Any = None
 
     @property
@@ -56,7 +57,7 @@ class Context:
         if self.job_id is None:
             return self._loop.log
         if self._job_log is None:
-            self._job_log = self._loop.log.bind(job_id=self.job_id, attempt=self.attempt)
+            self._job_log = self._loop.log.bind(job_id=self.job_id, attempt=self.attempt, origin=self.origin)
         return self._job_log
 
     def _set_job(self, job_id: int, attempt: int) -> None:

@@ -104,6 +104,7 @@ class ProcessLoop:
             pass
         signal.set_wakeup_fd(-1)  # a forked child must not wake the coordinator's loop
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while we started (pool.py); ignored now
         signal.signal(signal.SIGTERM, self._on_term)
         _die_with_parent()
         spec = self.spec
@@ -334,9 +335,10 @@ class ConsumerLoop(ProcessLoop):
 
     def run_batch(self, message: list[Any]) -> None:
         """Run the jobs of one batch in order; the hot path, so it avoids per-job allocations and calls."""
-        _, batch_id, first_id, n, ids, attempts, blob = message
+        _, batch_id, first_id, n, ids, attempts, blob, origin = message
         payloads = protocol.unpack_blob(blob, n)
         spec, ctx, task, slot, packer = self.spec, self.ctx, self.task, self.slot, self.packer
+        ctx.origin = origin
         want_results = spec["results"]
         log_jobs = spec["jobs_log"]
         monotonic = time.monotonic

@@ -9,11 +9,13 @@ a partition drops its stale work and joins again instead of double-counting.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from runner.errors import ProtocolError
 from runner.pool import Exit, Proc
@@ -21,6 +23,18 @@ from runner.transports import zeromq as wire
 
 if TYPE_CHECKING:
     from runner.coordinator import Coordinator
+
+
+#: most processes per pool a worker host may ask for (a HELLO field: checked, never trusted)
+MAX_HOST_PROCESSES = 1024
+
+
+def _ints(value: Any, n: int) -> bool:
+    return isinstance(value, list) and len(value) == n and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _strs(value: Any, n: int | None = None) -> bool:
+    return isinstance(value, list) and (n is None or len(value) == n) and all(isinstance(v, str) for v in value)
 
 
 @dataclass(eq=False)
@@ -44,6 +58,9 @@ class RemoteHosts:
         self.log = coordinator.log
         self.address = address
         self.sock, self.auth, self.refusals = wire.bind_router(context, address, keys)
+        # connections that never become ZeroMQ peers (raw TCP garbage, a plain-text peer on a CURVE port)
+        # fail inside libzmq; its monitor is the only place they show up
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self.hosts: dict[bytes, RemoteHost] = {}
         self.heartbeat = coordinator.run_cfg.heartbeat
         self._next_beat = 0.0
@@ -71,6 +88,21 @@ class RemoteHosts:
                 self.log.error("protocol.error", peer=host.name if host else identity.hex(), error=f"malformed message: {exc!r}")
         while self.refusals.seen:
             self.log.warning("host.refused", reason=self.refusals.seen.popleft())
+        self._drain_monitor()
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                names = [n for n in dir(zmq) if n.startswith("PROTOCOL_ERROR_") and getattr(zmq, n) == event["value"]]
+                detail = names[0].removeprefix("PROTOCOL_ERROR_").lower() if names else f"code {event['value']:#x}"
+            else:
+                detail = os.strerror(event["value"]) if 0 < event["value"] < 200 else "no detail"
+            self.log.error("protocol.error", peer=f"a connection to {self.address}",
+                           error=f"ZeroMQ handshake failed ({detail}): not a runner worker, or no CURVE keys")
 
     def _send(self, identity: bytes, kind: int, *fields: Any, frame: bytes | None = None) -> None:
         parts = [identity, wire.header(kind, *fields)]
@@ -110,6 +142,8 @@ class RemoteHosts:
             coordinator.on_frame(proc, frame)
         elif kind == wire.EXITED:
             worker, code, signal_name, reason, running, fatal = fields[:6]
+            if not (_ints(running, 2) or running is None) or not (fatal is None or _strs(fatal, 2)) or not isinstance(reason, str):
+                raise ProtocolError(f"malformed EXITED for {worker!r}")  # checked before the process is forgotten
             proc = host.procs.pop(worker, None)
             if proc is not None:
                 proc.remote_running = tuple(running) if running else None  # type: ignore[assignment]
@@ -124,8 +158,10 @@ class RemoteHosts:
     def _on_hello(self, identity: bytes, fields: list[Any]) -> None:
         name, pools, processes, pid, run = fields[:5]
         coordinator = self.coordinator
-        if not isinstance(name, str) or not isinstance(pools, list):
-            raise ProtocolError("malformed HELLO")
+        if not (isinstance(name, str) and 0 < len(name) <= 255 and _strs(pools) and isinstance(pid, int)
+                and (run is None or isinstance(run, str))
+                and (processes is None or (_ints([processes], 1) and 1 <= processes <= MAX_HOST_PROCESSES))):
+            raise ProtocolError(f"malformed HELLO (name, pools, processes 1..{MAX_HOST_PROCESSES}, pid, run)")
         if run and run not in (coordinator.run_id, coordinator.run_cfg.name):
             self._send(identity, wire.REFUSE, f"this coordinator runs {coordinator.run_id}, not {run}")
             return
@@ -216,6 +252,8 @@ class RemoteHosts:
                 self._send(parts[0], wire.BYE, reason)
         for identity in waiting:
             self.log.warning("host.left", host=self.hosts[identity].name, reason="did not acknowledge the end of the run")
+        self.sock.disable_monitor()
+        self.monitor.close(0)
         self.sock.close(0)
         if self.auth is not None:
             self.auth.stop()

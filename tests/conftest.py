@@ -119,3 +119,139 @@ def basic_config(tasks: str = "tasks", **consumer: Any) -> dict[str, Any]:
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     return tmp_path
+
+
+#: Helpers for task modules written by tests (prepend to a `tasks=` text): files are how a test and
+#: the job processes synchronise; every wait inside a task has its own deadline.
+TASK_HELPERS = '''
+import os
+import time
+
+
+def mark(name, text=""):
+    """Create file `name` atomically (a reader never sees it half written)."""
+    tmp = f"{name}.tmp{os.getpid()}"
+    with open(tmp, "w") as out:
+        out.write(text)
+    os.replace(tmp, name)
+
+
+def wait_file(name, limit=30.0):
+    deadline = time.monotonic() + limit
+    while not os.path.exists(name):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no file {name} after {limit}s")
+        time.sleep(0.005)
+
+
+def result(ctx, job):
+    return {"i": job["i"], "attempt": ctx.attempt, "pid": os.getpid(), "worker": ctx.worker}
+'''
+
+
+def assert_each_once(results: list[dict[str, Any]], expected: set[int] | range) -> None:
+    """Every expected job (by payload `i`) is in the results exactly once, and no job id twice."""
+    seen = [r["result"]["i"] for r in results]
+    assert sorted(seen) == sorted(expected), f"jobs done: {sorted(seen)}"
+    ids = [r["job_id"] for r in results]
+    assert len(ids) == len(set(ids)), f"a job id twice in the results: {sorted(ids)}"
+
+
+def live_events(run: Run, name: str) -> list[dict[str, Any]]:
+    """Events of a run still going: only complete lines of its log so far (warnings are flushed at once)."""
+    logs = [p for p in (run.folder / "logs").glob("*.jsonl") if not p.name.endswith((".dead.jsonl", ".pending.jsonl"))]
+    if not logs:
+        return []
+    text = logs[0].read_text()
+    lines = text.splitlines(keepends=True)
+    return [event for event in (json.loads(line) for line in lines if line.endswith("\n")) if event["event"] == name]
+
+
+# -- multi-host helpers (tests/test_multihost.py, tests/test_netns.py) ------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class Command:
+    """A `runner` command started in its own process group, its output in files (never a full pipe)."""
+
+    def __init__(self, folder: Path, label: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.folder = folder
+        self.label = label
+        self.out_path = folder / f"{label}.out"
+        self.err_path = folder / f"{label}.err"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.process = subprocess.Popen(argv, cwd=folder, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text() if self.out_path.exists() else ""
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text() if self.err_path.exists() else ""
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def kill_group(self, signum: int = 9) -> None:
+        """Kill the command and everything it started (its whole process group)."""
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+class HostRun(Run):
+    """A `runner start` whose output goes to files, so a long run never blocks on a full pipe."""
+
+    def __init__(self, folder: Path, proc: Command) -> None:
+        super().__init__(folder, proc.process)
+        self.proc = proc
+
+    def wait(self, timeout: float = 60) -> int:
+        code = self.process.wait(timeout=timeout)
+        self.stdout, self.stderr = self.proc.stdout, self.proc.stderr
+        return code
+
+
+def start_host_run(folder: Path, config: dict[str, Any], *args: str, tasks: str | None = None,
+                   env: dict[str, str] | None = None, prefix: list[str] | None = None) -> HostRun:
+    """`runner start` of a config dict in `folder` (tasks.py from `tasks`), output to coordinator.out/.err.
+
+    `prefix` wraps the command (e.g. ["ip", "netns", "exec", NS])."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if tasks is not None:
+        (folder / "tasks.py").write_text(textwrap.dedent(tasks))
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [*(prefix or []), sys.executable, "-m", "runner", "start", "--config", str(path), *args]
+    return HostRun(folder, Command(folder, "coordinator", argv, env))
+
+
+def start_worker(folder: Path, address: str, name: str, *args: str, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> Command:
+    """`runner worker --connect ADDRESS --name NAME ...` in `folder`, in its own process group."""
+    argv = [*(prefix or []), sys.executable, "-m", "runner", "worker", "--connect", address, "--name", name, *args]
+    return Command(folder, f"worker-{name}", argv, env)
+
+
+def log_events(folder: Path, name: str | None = None, **match: Any) -> list[dict[str, Any]]:
+    """Complete lines of the (single) run log in folder/logs so far, by event name and field values."""
+    logs_dir = folder / "logs"
+    logs = [p for p in logs_dir.glob("*.jsonl") if not p.name.endswith((".dead.jsonl", ".pending.jsonl"))] if logs_dir.is_dir() else []
+    found = []
+    for path in logs:
+        for line in path.read_text().splitlines(keepends=True):
+            if not line.endswith("\n") or not line.strip():
+                continue
+            event = json.loads(line)
+            if (name is None or event["event"] == name) and all(event.get(k) == v for k, v in match.items()):
+                found.append(event)
+    return found

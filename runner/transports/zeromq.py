@@ -44,6 +44,8 @@ PROTOCOL_VERSION = 1
 KINDS = frozenset(range(101, 115))
 #: messages queued per peer before ZeroMQ pushes back; bounded so a stalled peer cannot eat memory
 HWM = 10_000
+#: largest header frame (the msgpack array): jobs travel in the second frame, so a bigger header is an attack or a bug
+MAX_HEADER = 16 * 1024 * 1024
 
 
 def header(kind: int, *fields: Any) -> bytes:
@@ -56,6 +58,8 @@ def parse(parts: list[bytes]) -> tuple[int, list[Any], bytes | None]:
         raise ProtocolError(f"expected 1 or 2 frames, got {len(parts)}")
     if any(len(part) > MAX_FRAME for part in parts):
         raise ProtocolError("frame over the size limit")
+    if len(parts[0]) > MAX_HEADER:
+        raise ProtocolError(f"header frame of {len(parts[0])} bytes is over the size limit ({MAX_HEADER})")
     try:
         head = msgpack.unpackb(parts[0], raw=False, strict_map_key=False)
     except Exception as exc:

@@ -308,7 +308,7 @@ class Coordinator:
         senders = sum(p.processes for p in run.producers if run.target_of(p) == target)
         return max(1, run.queue.maxsize // senders)
 
-    def _start(self, pool: str, role: str, index: int, restart: int, host: str) -> Proc:
+    def _start(self, pool: str, role: str, index: int, restart: int, host: str) -> Proc | None:
         spec = self.pool_spec(pool)
         name = f"{pool}-{index}"
         if role == "producer":
@@ -317,7 +317,13 @@ class Coordinator:
         if remote is not None:
             proc = self.remote.spawn(remote, name, pool, role, index, restart, spec)
         else:
-            proc = self.procs.start(name, pool, role, index, spec, restart)
+            try:
+                proc = self.procs.start(name, pool, role, index, spec, restart)
+            except OSError as exc:  # out of processes or file handles, forkserver gone: the run cannot go on well
+                reason = f"cannot start process {name}: {type(exc).__name__}: {exc}"
+                self.log.error("pool.failed", pool=pool, reason=reason)
+                self._fail(time.monotonic(), reason)
+                return None
         proc.idle_since = time.monotonic()
         stats = self.worker_stats.setdefault(proc.key, {"pool": pool, "host": proc.host, "done": 0, "failed": 0, "crashes": 0, "restarts": 0})
         stats["restarts"] += 1 if restart else 0

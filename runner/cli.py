@@ -60,7 +60,7 @@ def _main(
 def _import_tasks(config: Config) -> list[str]:
     """Import every task once, so a missing module fails fast with exit 2, before any process starts."""
     refs = []
-    for pool in [*config.run.producers, *config.run.consumers]:
+    for pool in config.run.all_pools():
         import_task(pool.task, config.base_dir)
         refs.append(pool.task)
     return refs

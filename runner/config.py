@@ -99,25 +99,28 @@ class HeartbeatConfig(_Model):
 
 class RunConfig(_Model):
     name: PoolName
-    queue: QueueConfig = QueueConfig()
+    queue: QueueConfig = Field(default_factory=QueueConfig)
     producers: list[ProducerConfig] = Field(min_length=1)
     consumers: list[ConsumerConfig] = Field(min_length=1)
-    shutdown: ShutdownConfig = ShutdownConfig()
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     results: str | None = None
-    logs: LogsConfig = LogsConfig()
+    logs: LogsConfig = Field(default_factory=LogsConfig)
     start_method: Literal["fork", "spawn", "forkserver"] = "forkserver"
-    transport: TransportConfig = TransportConfig()
-    heartbeat: HeartbeatConfig = HeartbeatConfig()
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
 
     def problems(self) -> list[tuple[tuple[Any, ...], str]]:
         """Mistakes that span fields: (location, message), located where a person would fix them."""
         found: list[tuple[tuple[Any, ...], str]] = []
         seen: set[str] = set()
-        for key, pools in (("producers", self.producers), ("consumers", self.consumers)):
-            for index, pool in enumerate(pools):
-                if pool.name in seen:
-                    found.append(((key, index, "name"), f"pool name {pool.name!r} is used twice"))
-                seen.add(pool.name)
+        located: list[tuple[str, int, ProducerConfig | ConsumerConfig]] = [
+            *(("producers", i, p) for i, p in enumerate(self.producers)),
+            *(("consumers", i, c) for i, c in enumerate(self.consumers)),
+        ]
+        for key, index, pool in located:
+            if pool.name in seen:
+                found.append(((key, index, "name"), f"pool name {pool.name!r} is used twice"))
+            seen.add(pool.name)
         consumers = [c.name for c in self.consumers]
         for index, producer in enumerate(self.producers):
             if producer.to is None and len(consumers) > 1:
@@ -134,8 +137,11 @@ class RunConfig(_Model):
     def target_of(self, producer: ProducerConfig) -> str:
         return producer.to or self.consumers[0].name
 
+    def all_pools(self) -> list[ProducerConfig | ConsumerConfig]:
+        return [*self.producers, *self.consumers]
+
     def pool(self, name: str) -> ProducerConfig | ConsumerConfig:
-        for pool in [*self.producers, *self.consumers]:
+        for pool in self.all_pools():
             if pool.name == name:
                 return pool
         raise KeyError(name)

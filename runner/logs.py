@@ -63,8 +63,9 @@ def configure(level: str, sink: Callable[[dict[str, Any]], None], **context: Any
         sink(ordered(event_dict))
         raise structlog.DropEvent
 
+    processors: list[Any] = [_stamp, structlog.processors.format_exc_info, deliver]
     structlog.configure(
-        processors=[_stamp, structlog.processors.format_exc_info, deliver],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         cache_logger_on_first_use=False,
     )

@@ -13,7 +13,6 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -90,7 +89,7 @@ class LocalProcesses:
     """Starts, watches and stops the processes of this machine."""
 
     def __init__(self, start_method: str, host: str) -> None:
-        self.mp: BaseContext = multiprocessing.get_context(start_method)
+        self.mp: Any = multiprocessing.get_context(start_method)  # a context of the chosen start method
         self.host = host
         self.procs: dict[str, Proc] = {}
         self._by_fd: dict[int, Proc] = {}
@@ -125,7 +124,7 @@ class LocalProcesses:
 
         Returns (readable processes, ended processes, other ready sockets and fds).
         """
-        ready = self.poller.poll(timeout * 1000)
+        ready = self.poller.poll(int(timeout * 1000))
         readable, ended, other = [], [], set()
         for handle, _ in ready:
             if handle in self._by_fd:

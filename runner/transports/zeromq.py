@@ -224,7 +224,7 @@ def control_address(run_id: str) -> str:
 
 def request(address: str, kind: int, keys: WorkerKeys | None = None, timeout: float = 5.0) -> dict[str, Any]:
     """One control request (status, stop) to a coordinator; the reply's dict."""
-    context = zmq.Context.instance()
+    context: zmq.Context[Any] = zmq.Context.instance()
     sock = connect_dealer(context, address, keys)
     try:
         sock.send(header(kind))

@@ -79,10 +79,18 @@ class Agent:
                     self.say(f"run over: {end.detail}")
                     if not self.serve:
                         return ExitCode.OK
-                    lost_since, delay = None, 0.1
+                    lost_since, delay, self.joined = None, 0.1, False
                     continue
                 if end.outcome == "stopped":
                     return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
+                if end.outcome == "refused" and self.serve:
+                    # another run, or this one ending: a serving worker waits for a run that takes it
+                    self.say(f"the coordinator at {self.address} refused this worker ({end.detail}); waiting for the next run")
+                    lost_since = None
+                    if self._pause(delay):
+                        return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
+                    delay = min(delay * 2, 5.0) * random.uniform(0.8, 1.2)
+                    continue
                 if end.outcome == "refused":
                     self.say(f"error: the coordinator at {self.address} refused this worker: {end.detail}")
                     return ExitCode.USAGE
@@ -91,7 +99,7 @@ class Agent:
                     return ExitCode.USAGE
                 now = time.monotonic()
                 lost_since = lost_since or now
-                if now - lost_since > self.give_up:
+                if now - lost_since > self.give_up and (self.joined or not self.serve):  # serving between runs: wait on
                     self.say(f"error: no coordinator at {self.address} for {self.give_up:g}s ({end.detail}); giving up. "
                              "Is it running, and are the address and keys right?")
                     return ExitCode.FAILED
@@ -126,7 +134,11 @@ class Agent:
             if self.stop_signal is not None:
                 raise SessionEnded("stopped")
             if sock.poll(100):
-                kind, fields, _ = wire.parse(sock.recv_multipart())
+                try:
+                    kind, fields, _ = wire.parse(sock.recv_multipart())
+                except ProtocolError as exc:  # another release's coordinator (or not a coordinator at all)
+                    raise SessionEnded("usage", f"the coordinator at {self.address} answered in a way this worker does not "
+                                                f"understand ({exc}); install the same runner version on every host") from exc
                 if kind == wire.WELCOME:
                     return fields
                 if kind == wire.REFUSE:

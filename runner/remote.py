@@ -83,6 +83,9 @@ class RemoteHosts:
             except ProtocolError as exc:
                 host = self.hosts.get(identity)
                 self.log.error("protocol.error", peer=host.name if host else identity.hex(), error=str(exc))
+                if isinstance(exc, wire.WrongVersion) and host is None:
+                    # a worker of another release: tell it, instead of leaving it to time out wondering
+                    self._send(identity, wire.REFUSE, f"{exc}: install the same runner version on every host")
             except (TypeError, ValueError, IndexError, KeyError) as exc:
                 host = self.hosts.get(identity)
                 self.log.error("protocol.error", peer=host.name if host else identity.hex(), error=f"malformed message: {exc!r}")
@@ -225,6 +228,9 @@ class RemoteHosts:
     def _drop(self, host: RemoteHost, event: str, reason: str) -> None:
         """A host is gone: its processes end now and their jobs go back to the queue."""
         self.hosts.pop(host.identity, None)
+        # restarts still due for its processes die with it: started later they would run here, or twice
+        # on the host when it joins again under the same name
+        self.coordinator.restarts[:] = [r for r in self.coordinator.restarts if r[4] != host.name]
         level = "error" if event == "host.lost" else "info"
         getattr(self.log, level)(event, host=host.name, reason=reason, processes=len(host.procs))
         for proc in list(host.procs.values()):

@@ -48,6 +48,10 @@ HWM = 10_000
 MAX_HEADER = 16 * 1024 * 1024
 
 
+class WrongVersion(ProtocolError):
+    """A peer speaking another protocol version: a runner of another release (answered, so it can say so)."""
+
+
 def header(kind: int, *fields: Any) -> bytes:
     return msgpack.packb([PROTOCOL_VERSION, kind, *fields], use_bin_type=True)
 
@@ -67,7 +71,7 @@ def parse(parts: list[bytes]) -> tuple[int, list[Any], bytes | None]:
     if not isinstance(head, list) or len(head) < 2:
         raise ProtocolError("header is not [version, kind, ...]")
     if head[0] != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {head[0]!r}, this runner speaks {PROTOCOL_VERSION}")
+        raise WrongVersion(f"protocol version {head[0]!r}, this runner speaks {PROTOCOL_VERSION}")
     if head[1] not in KINDS:
         raise ProtocolError(f"unknown message kind {head[1]!r}")
     return head[1], head[2:], parts[1] if len(parts) == 2 else None

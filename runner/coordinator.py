@@ -717,6 +717,8 @@ class Coordinator:
         }
 
     def _log_progress(self, now: float) -> None:
+        if self.results is not None:
+            self.results.flush()  # a live run's results can be read as it goes, a tick behind at most
         counts = self.counts()
         elapsed = now - self.started
         rate = (counts["done"] - self._last_done) / self.run_cfg.logs.progress_interval

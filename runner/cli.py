@@ -16,7 +16,7 @@ from rich.console import Console
 
 from runner import __version__
 from runner.config import Config, load_config
-from runner.errors import ExitCode, RunnerError
+from runner.errors import ExitCode, RunnerError, UsageError
 from runner.task import import_task
 
 app = typer.Typer(
@@ -83,6 +83,10 @@ def start(
         cfg = load_config(config, set_)
         _import_tasks(cfg)
         address = bind or cfg.run.transport.bind
+        idle = [c.name for c in cfg.run.consumers if c.processes == 0]
+        if idle and not address:
+            raise UsageError(f"consumer pool {', '.join(idle)} has processes: 0 here and no worker host can join "
+                             "(no --bind / transport.bind): its jobs would never run")
         coordinator_keys = wire.CoordinatorKeys(keys) if keys else None
         if address:
             wire.require_security(address, coordinator_keys, insecure, "--keys", lambda m: _stderr().print(m, markup=False))
@@ -155,12 +159,12 @@ def worker(
     raise typer.Exit(int(agent.run()))
 
 
-def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys: Optional[Path], kind: int) -> dict:
+def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys: Optional[Path], kind: int, name: Optional[str] = None) -> dict:
     """Ask a running coordinator: by --connect (remote, CURVE), or the control socket of a run in --logs."""
     from runner.transports import zeromq as wire
 
     if connect:
-        return wire.request(connect, kind, wire.WorkerKeys(keys) if keys else None)
+        return wire.request(connect, kind, wire.WorkerKeys(keys, name) if keys else None)
     address = _local_control(run_id, logs_dir)
     return wire.request(address, kind)
 
@@ -192,6 +196,7 @@ def status(
     logs_dir: Path = typer.Option(Path("logs"), "--logs", help="Folder of run logs."),
     connect: Optional[str] = typer.Option(None, "--connect", help="A remote coordinator's bound address."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys folder (a worker key the coordinator authorizes)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Use <name>.key_secret from --keys (default: worker.key_secret)."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON."),
 ) -> None:
     """Show a running coordinator's hosts, pools, processes, queue depths, counts and rate."""
@@ -200,7 +205,7 @@ def status(
     from runner.transports import zeromq as wire
 
     try:
-        reply = _control(run_id, logs_dir, connect, keys, wire.STATUS)
+        reply = _control(run_id, logs_dir, connect, keys, wire.STATUS, name)
     except RunnerError as exc:
         _fail(exc)
         return
@@ -225,12 +230,13 @@ def stop(
     logs_dir: Path = typer.Option(Path("logs"), "--logs", help="Folder of run logs."),
     connect: Optional[str] = typer.Option(None, "--connect", help="A remote coordinator's bound address."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys folder (a worker key the coordinator authorizes)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Use <name>.key_secret from --keys (default: worker.key_secret)."),
 ) -> None:
     """Ask a running coordinator for the graceful stop (the same as SIGTERM)."""
     from runner.transports import zeromq as wire
 
     try:
-        reply = _control(run_id, logs_dir, connect, keys, wire.STOP_RUN)
+        reply = _control(run_id, logs_dir, connect, keys, wire.STOP_RUN, name)
     except RunnerError as exc:
         _fail(exc)
         return

@@ -59,8 +59,8 @@ class ProducerConfig(_Model):
 class ConsumerConfig(_Model):
     name: PoolName
     task: TaskRef
-    processes: int = Field(1, ge=1)
-    min_processes: int = Field(1, ge=0)
+    processes: int = Field(1, ge=0)  #: 0: only worker hosts run this pool (needs --bind)
+    min_processes: int = Field(1, ge=0)  #: capped at `processes`
     idle_timeout: Duration | None = None  #: None: never retire an idle process
     retries: int = Field(0, ge=0)
     retry_backoff: Duration = 0.5  #: doubles with each further attempt, at most 60s
@@ -72,7 +72,7 @@ class ConsumerConfig(_Model):
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> ConsumerConfig:
-        if self.min_processes > self.processes:
+        if self.min_processes > self.processes and self.processes > 0:
             raise ValueError(f"min_processes ({self.min_processes}) is above processes ({self.processes})")
         return self
 

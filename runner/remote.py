@@ -49,7 +49,7 @@ class RemoteHost:
     leaving: bool = False
 
     def capacity(self, configured: int) -> int:
-        return self.processes if self.processes is not None else configured
+        return self.processes if self.processes is not None else max(configured, 1)
 
 
 class RemoteHosts:

@@ -79,12 +79,16 @@ def parse(parts: list[bytes]) -> tuple[int, list[Any], bytes | None]:
 
 # -- keys ----------------------------------------------------------------------------------
 def generate_keys(folder: Path, workers: list[str]) -> list[Path]:
-    """A coordinator key pair, one pair per worker name, and authorized/ holding the workers' public keys."""
+    """A coordinator key pair, one pair per worker name, and authorized/ holding the workers' public keys.
+
+    Existing pairs are kept (so adding a worker later never changes the key other workers pinned)."""
     folder.mkdir(parents=True, exist_ok=True)
     authorized = folder / "authorized"
     authorized.mkdir(exist_ok=True)
     made = []
     for name in ["coordinator", *workers]:
+        if (folder / f"{name}.key_secret").exists():
+            continue
         public, secret = zmq.auth.create_certificates(folder, name)
         os.chmod(secret, 0o600)
         made += [Path(public), Path(secret)]

@@ -20,7 +20,7 @@ import zmq
 
 from runner import logs
 from runner.errors import ExitCode, ProtocolError, UsageError
-from runner.pool import LocalProcesses, Proc
+from runner.pool import LocalProcesses, Proc, warm_up
 from runner.task import import_task
 from runner.transports import zeromq as wire
 
@@ -53,11 +53,14 @@ class Agent:
         self.extra_path = extra_path
         self.stop_signal: int | None = None
         self.joined = False
+        # ZeroMQ's threads must not take our signals: they start with SIGINT/SIGTERM blocked (run() unblocks)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         self.context = zmq.Context()
 
     def run(self) -> ExitCode:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             return self._sessions()
         finally:
@@ -157,6 +160,7 @@ class Session:
         self.interval = float(beat["interval"])
         self.timeout = float(beat["timeout"])
         self.procs = LocalProcesses(start_method, self.host)
+        warm_up(start_method)
         self.procs.poller.register(sock, zmq.POLLIN)
         self.last_heard = time.monotonic()
         self.next_beat = 0.0

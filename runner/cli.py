@@ -75,12 +75,16 @@ def start(
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --bind without CURVE keys (warns)."),
 ) -> None:
     """Run a config to the end: producers, consumers, retries, logs. Exit 0 all done, 1 failures, 2 usage, 130/143 stopped."""
-    from runner.coordinator import Coordinator
-    from runner.progress import Progress
-    from runner.transports import zeromq as wire
+    import signal
 
+    # A signal before the coordinator's handlers exist waits for them (Coordinator.run unblocks).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         cfg = load_config(config, set_)
+        from runner.coordinator import Coordinator
+        from runner.progress import Progress
+        from runner.transports import zeromq as wire
+
         _import_tasks(cfg)
         address = bind or cfg.run.transport.bind
         idle = [c.name for c in cfg.run.consumers if c.processes == 0]

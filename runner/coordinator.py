@@ -25,7 +25,7 @@ from runner.config import Config, ConsumerConfig
 from runner.errors import ExitCode, ProtocolError
 from runner.ledger import Batch, Job, Ledger
 from runner.locks import LockTable
-from runner.pool import Exit, LocalProcesses, Proc
+from runner.pool import Exit, LocalProcesses, Proc, warm_up
 from runner.progress import Progress
 from runner.transports import zeromq as wire
 from runner.protocol import BATCH, CREDIT, END, FATAL, GRANT, INVALID, LOCK, LOG, READY, REPORT, STOP
@@ -108,9 +108,14 @@ class Coordinator:
         signal.set_wakeup_fd(self._wake_w)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda s, f: self.signals.append(s))
+        warm_up(run.start_method)
         pools = {p.name: {"role": "producer", "processes": p.processes, "task": p.task} for p in run.producers}
         pools.update({c.name: {"role": "consumer", "processes": c.processes, "task": c.task} for c in run.consumers})
+        # ZeroMQ's threads start with SIGINT/SIGTERM blocked (as the CLI left them), so the signals always
+        # reach this thread; then unblock: a signal that came meanwhile is handled now.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         self._open_sockets()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         self.log.info("run.started", name=run.name, config=self.config.path, start_method=run.start_method, pools=pools,
                       log_file=str(self.log_path), results=run.results, coordinator_pid=os.getpid(),
                       bind=self.bind, control=self.control_address)

@@ -8,6 +8,8 @@ coordinator acts on: frames received, and `Exit(code, signal, reason)`.
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
 import signal
 import time
@@ -18,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from runner.transports.local import FrameReader
+from runner.transports.local import FrameReader, FrameSender
 from runner.worker import SLOT_BATCH, SLOT_INDEX, SLOT_STARTED, process_main
 
 
@@ -74,6 +76,46 @@ class Proc:
         return float(self.slot[SLOT_STARTED]) if self.slot is not None else 0.0
 
 
+def warm_up(start_method: str) -> None:
+    """Start multiprocessing's helpers (resource tracker, forkserver) before any process, with our
+    signal handlers already in place. Processes forked from the forkserver start without imports.
+    A Ctrl-C to the process group must not kill the server as it starts (it ignores it once running)."""
+    if start_method == "fork":
+        return
+    from multiprocessing import forkserver, resource_tracker
+
+    # multiprocessing starts its resource tracker on the first spawn or forkserver process and, doing so,
+    # UNBLOCKS SIGINT and SIGTERM in the calling thread: start it here and put our signal mask back.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if start_method != "forkserver":
+        return
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["runner.worker"])
+    with sigint_shielded():
+        forkserver.ensure_running()
+
+
+@contextmanager
+def sigint_shielded() -> Iterator[None]:
+    """Start a child that must not die of a Ctrl-C sent to the whole process group while it starts.
+
+    SIGINT is ignored while the child is made: an ignored signal stays ignored across fork and exec
+    (a blocked one does not survive spawn's exec), and the child ignores it for good once it runs.
+    It is blocked as well, so a Ctrl-C meant for us in that moment waits, pending, for our handler
+    (one already pending would be discarded by SIG_IGN: it is noted and raised again afterwards)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pending = signal.SIGINT in signal.sigpending()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            os.kill(os.getpid(), signal.SIGINT)  # blocked still: it waits for the handler, as it did
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def describe_exit(code: int | None) -> tuple[str | None, str]:
     """Why a process ended, in words: 'killed by SIGKILL, possibly out of memory', 'exited with code 3'."""
     if code is None:
@@ -90,28 +132,27 @@ class LocalProcesses:
 
     def __init__(self, start_method: str, host: str) -> None:
         self.mp: Any = multiprocessing.get_context(start_method)  # a context of the chosen start method
+        self.start_method = start_method
         self.host = host
         self.procs: dict[str, Proc] = {}
         self._by_fd: dict[int, Proc] = {}
         self._by_sentinel: dict[int, Proc] = {}
+        self._by_outbox: dict[int, Proc] = {}  #: inboxes with frames waiting for the pipe (watched for POLLOUT)
         self.poller = zmq.Poller()  #: pipes, sentinels and any socket or fd the owner registers
 
     def start(self, name: str, pool: str, role: str, index: int, spec: dict[str, Any], restart: int = 0) -> Proc:
         reader, writer = self.mp.Pipe(duplex=False)
-        inbox = self.mp.Queue()
+        inbox, inbox_writer = self.mp.Pipe(duplex=False)
         slot = self.mp.RawArray("d", 4)
         spec = {**spec, "worker": name, "index": index, "role": role, "pool": pool, "host": self.host}
         process = self.mp.Process(target=process_main, args=(role, spec, writer, inbox, slot), name=name, daemon=False)
-        # Ctrl-C goes to the whole process group: a child still starting (or the forkserver) must not die of it.
-        # The mask is inherited (across exec too) until the child ignores SIGINT; ours is restored at once.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
+        with sigint_shielded():  # Ctrl-C goes to the whole process group
             process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         writer.close()  # only the child writes: its death is the pipe's end
+        inbox.close()  # only the child reads its inbox
         proc = Proc(name, pool, role, index, restart, self.host, time.monotonic(), process=process,
-                    reader=FrameReader(reader), inbox=inbox, slot=slot, pid=process.pid)
+                    reader=FrameReader(reader), inbox=FrameSender(inbox_writer), slot=slot, pid=process.pid)
+        self._by_outbox[proc.inbox.fd] = proc
         self.procs[name] = proc
         self._by_fd[proc.reader.fd] = proc  # type: ignore[union-attr]
         self._by_sentinel[process.sentinel] = proc
@@ -126,11 +167,13 @@ class LocalProcesses:
         """
         ready = self.poller.poll(int(timeout * 1000))
         readable, ended, other = [], [], set()
-        for handle, _ in ready:
-            if handle in self._by_fd:
+        for handle, events in ready:
+            if handle in self._by_fd and events & zmq.POLLIN:
                 readable.append(self._by_fd[handle])
             elif handle in self._by_sentinel:
                 ended.append(self._by_sentinel[handle])
+            elif handle in self._by_outbox and events & zmq.POLLOUT:
+                self._flush(self._by_outbox[handle])
             else:
                 other.add(handle)
         return readable, ended, other
@@ -152,8 +195,10 @@ class LocalProcesses:
         self.poller.unregister(proc.process.sentinel)
         self.procs.pop(proc.name, None)
         proc.process.close()
+        self._by_outbox.pop(proc.inbox.fd, None)
+        if proc.inbox.outbox:
+            self.poller.unregister(proc.inbox.fd)
         proc.inbox.close()
-        proc.inbox.cancel_join_thread()
         return Exit(code, sig, reason)
 
     def forget(self, proc: Proc) -> None:
@@ -161,7 +206,13 @@ class LocalProcesses:
             proc.reader.close()
 
     def send(self, proc: Proc, frame: bytes) -> None:
-        proc.inbox.put(frame)
+        waiting = bool(proc.inbox.outbox)
+        if proc.inbox.send(frame) and not waiting:
+            self.poller.register(proc.inbox.fd, zmq.POLLOUT)
+
+    def _flush(self, proc: Proc) -> None:
+        if not proc.inbox.flush():
+            self.poller.unregister(proc.inbox.fd)
 
     def signal(self, proc: Proc, signum: int, reason: str | None = None) -> None:
         if reason and not proc.kill_reason:

@@ -266,13 +266,13 @@ class Bench:
         return config
 
     def runner(self, config: dict[str, Any], n: int, zmq: bool = False, results: bool = False) -> driver.RunnerResult:
-        sets = ["consumers.work.processes=1"] if zmq else []
+        sets = ["consumers.work.processes=0"] if zmq else []  # every job crosses ZeroMQ
         timeout = max(120.0, n / 20_000)
         return run_runner(self.workdir, config, sets=sets, worker_processes=self.args.worker_processes if zmq else 0,
                           expect=n, timeout=timeout, results=results)
 
     def zmq_note(self) -> str:
-        return (f"coordinator with 1 local consumer process (the least a pool can have) + one `runner worker "
+        return (f"coordinator with no local consumer process (`processes: 0`) + one `runner worker "
                 f"--processes {self.args.worker_processes}` on tcp loopback")
 
     # -- sections ---------------------------------------------------------------------------------
@@ -342,8 +342,8 @@ class Bench:
                 (f"jobs/s: median of {a.repeat}; runner rows: `done / run.finished.duration_s` (the coordinator's clock, "
                  f"from its start, processes included, to the end of the run); raw rows: from the first process start to "
                  f"the last job counted. Runner config: queue.maxsize {a.maxsize}, queue.batch {a.batch}, logs.jobs none, "
-                 f"no results file, start_method {a.start_method}. Over ZeroMQ: {self.zmq_note()}; the local process "
-                 f"takes its share too, so the row shows how many jobs really crossed ZeroMQ. CPU µs/job: CPU time of every "
+                 f"no results file, start_method {a.start_method}. Over ZeroMQ: {self.zmq_note()}, so every "
+                 f"job crosses producer → coordinator → ZeroMQ → worker agent → consumer. CPU µs/job: CPU time of every "
                  f"process of the system (producer, coordinator, consumers, worker agent; the runner's interpreter start "
                  f"and imports left out) per job: on 2 cores, 1 M jobs/s allows 2 µs. noise: cores used by processes outside "
                  f"the benchmark during the run (⚠ above 0.15).")]
@@ -400,7 +400,7 @@ class Bench:
             s = series.median_sample()
             note = series.error or ""
             if series.key == "runner_zmq" and s:
-                note = f"{s.extra['remote_share']:.0%} of jobs ran on the worker; 3 consumer processes on {cores} cores"
+                note = f"{s.extra['remote_share']:.0%} of jobs ran on the worker; {self.args.worker_processes} consumer processes on {cores} cores"
             rows.append([series.label, fmt_n(series.jobs), f"{s.extra['ideal']:.2f}" if s else "–", f"{s.extra['wall']:.2f}" if s else "–",
                          f"{series.median:.1%}" if s else "–", series.spread(lambda x: f"{x:.1%}"), fmt_noise(series.noise), note])
         self.results["cpu"] = {s.key: {"label": s.label, "jobs": n, "efficiency": s.median, "samples": [x.value for x in s.samples],

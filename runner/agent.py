@@ -164,6 +164,8 @@ class Session:
         self.procs.poller.register(sock, zmq.POLLIN)
         self.last_heard = time.monotonic()
         self.next_beat = 0.0
+        self.fwd_headers: dict[str, bytes] = {}  #: FWD header per process, encoded once
+        self.next_check = 0.0
         self.stopping = False
         agent.joined = True
         agent.say(f"joined run {self.run_id} at {agent.address} as host {self.host}")
@@ -219,7 +221,9 @@ class Session:
             self._send(wire.HEARTBEAT)
         if now - self.last_heard > self.timeout:
             raise SessionEnded("lost", f"no heartbeat for {now - self.last_heard:.1f}s")
-        self._check_job_timeouts(now)
+        if now >= self.next_check:
+            self.next_check = now + 0.02
+            self._check_job_timeouts(now)
         if self.agent.stop_signal is not None and not self.stopping:
             self.stopping = True
             self.agent.say("stopping: processes finish the job in hand")
@@ -230,8 +234,14 @@ class Session:
 
     def _relay(self, proc: Proc) -> None:
         assert proc.reader is not None
+        head = self.fwd_headers.get(proc.name)
+        if head is None:
+            head = self.fwd_headers[proc.name] = wire.header(wire.FWD, proc.name)
         for frame in proc.reader.read():
-            self._send(wire.FWD, proc.name, frame=frame)
+            try:
+                self.sock.send_multipart([head, frame], zmq.NOBLOCK)
+            except zmq.Again:
+                self._send(wire.FWD, proc.name, frame=frame)  # waits, bounded by the heartbeat timeout
 
     def _report_exit(self, proc: Proc) -> None:
         running = proc.running_job()

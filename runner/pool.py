@@ -49,6 +49,7 @@ class Proc:
     slot: Any = None
     pid: int | None = None
     remote_running: tuple[int, int] | None = None  #: a remote process's job in hand when it ended
+    route: Any = None  #: a remote process's (host identity, TO header), encoded once
     ready: bool = False
     stop_reason: str | None = None  #: set when the coordinator asked it to stop
     kill_reason: str | None = None  #: set when the coordinator killed it

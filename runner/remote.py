@@ -195,14 +195,20 @@ class RemoteHosts:
     # -- sending -----------------------------------------------------------------------------
     def spawn(self, host: RemoteHost, name: str, pool: str, role: str, index: int, restart: int, spec: dict[str, Any]) -> Proc:
         proc = Proc(name, pool, role, index, restart, host.name, time.monotonic(), remote=True)
+        proc.route = (host.identity, wire.header(wire.TO, name))
         host.procs[name] = proc
         self._send(host.identity, wire.SPAWN, name, pool, role, index, restart, spec)
         return proc
 
     def send(self, proc: Proc, frame: bytes) -> None:
-        host = self.by_name(proc.host)
-        if host is not None:
-            self._send(host.identity, wire.TO, proc.name, frame=frame)
+        """A frame into a remote process's inbox (the hot path: the header was encoded at spawn)."""
+        identity, head = proc.route
+        if identity not in self.hosts:
+            return  # its host is gone; the ledger has already taken its jobs back
+        try:
+            self.sock.send_multipart([identity, head, frame], zmq.NOBLOCK)
+        except zmq.Again:
+            self._drop(self.hosts[identity], "host.lost", "its send queue is full (it stopped reading)")
 
     def signal(self, proc: Proc, signum: int, reason: str | None) -> None:
         host = self.by_name(proc.host)

@@ -22,21 +22,11 @@ from typing import Any
 
 import yaml
 
+from conftest import wait_for  # noqa: F401  (re-exported for the log tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
 START = datetime(2026, 11, 26, 23, 30, 1, tzinfo=timezone.utc)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll until `predicate` returns something truthy; fail at the deadline (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -43,6 +43,8 @@ from typing import Any
 import pytest
 import yaml
 
+from conftest import wait_for
+
 pytestmark = pytest.mark.timeout(120)  # the recipe tests set their own, longer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,18 +73,6 @@ BAKERY_GRACE_S = 10.0
 
 
 # -- small helpers ----------------------------------------------------------------------------
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-
-
 def run(argv: list[str], timeout: float = 60, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False, **kwargs)
     if check and result.returncode != 0:

@@ -177,15 +177,20 @@ class Refusals(logging.Handler):
             self.seen.append(message)
 
 
-def bind_router(context: zmq.Context, address: str, keys: CoordinatorKeys | None) -> tuple[zmq.Socket, ThreadAuthenticator | None, Refusals]:
-    refusals = Refusals()
-    auth = None
-    sock = context.socket(zmq.ROUTER)
+def _socket(context: zmq.Context, kind: int) -> zmq.Socket:
+    """Every socket: no linger (shutdown never hangs), bounded queues, a size limit on what comes in."""
+    sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    return sock
+
+
+def bind_router(context: zmq.Context, address: str, keys: CoordinatorKeys | None) -> tuple[zmq.Socket, ThreadAuthenticator | None, Refusals]:
+    refusals = Refusals()
+    auth = None
+    sock = _socket(context, zmq.ROUTER)
     if keys is not None:
         logger = logging.getLogger(f"runner.auth.{id(sock)}")
         logger.setLevel(logging.DEBUG)
@@ -208,11 +213,7 @@ def bind_router(context: zmq.Context, address: str, keys: CoordinatorKeys | None
 
 
 def connect_dealer(context: zmq.Context, address: str, keys: WorkerKeys | None) -> zmq.Socket:
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, HWM)
-    sock.setsockopt(zmq.RCVHWM, HWM)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    sock = _socket(context, zmq.DEALER)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     if keys is not None:

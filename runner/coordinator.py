@@ -111,23 +111,23 @@ class Coordinator:
         warm_up(run.start_method)
         pools = {p.name: {"role": "producer", "processes": p.processes, "task": p.task} for p in run.producers}
         pools.update({c.name: {"role": "consumer", "processes": c.processes, "task": c.task} for c in run.consumers})
-        # ZeroMQ's threads start with SIGINT/SIGTERM blocked (as the CLI left them), so the signals always
-        # reach this thread; then unblock: a signal that came meanwhile is handled now.
+        # Helper threads (ZeroMQ's, the live display's) start with SIGINT/SIGTERM blocked (as the CLI left
+        # them), so the signals always reach this thread; then unblock: one that came meanwhile is handled now.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         self._open_sockets()
+        self.progress.start(self)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         self.log.info("run.started", name=run.name, config=self.config.path, start_method=run.start_method, pools=pools,
                       log_file=str(self.log_path), results=run.results, coordinator_pid=os.getpid(),
                       bind=self.bind, control=self.control_address)
-        for producer in run.producers:
-            share = max(1, run.queue.maxsize // sum(p.processes for p in run.producers if run.target_of(p) == run.target_of(producer)))
-            for index in range(1, producer.processes + 1):
-                self._start_producer(producer.name, index, share)
-        for consumer in run.consumers:
-            for index in range(1, consumer.processes + 1):
-                self._start_consumer(consumer, index)
-        self.progress.start(self)
         try:
+            # every pool's processes start together; none waits for another to finish
+            for producer in run.producers:
+                for index in range(1, producer.processes + 1):
+                    self._start(producer.name, "producer", index, 0, self.host)
+            for consumer in run.consumers:
+                for index in range(1, consumer.processes + 1):
+                    self._start_consumer(consumer, index)
             while self.state != "over":
                 self._step()
         finally:
@@ -337,9 +337,6 @@ class Coordinator:
             self.credit_owed[proc.key] = 0
             self.producers_open += 1
         return proc
-
-    def _start_producer(self, name: str, index: int, credit: int) -> None:
-        self._start(name, "producer", index, 0, self.host)
 
     def _start_consumer(self, cfg: ConsumerConfig, index: int, restart: int = 0, host: str | None = None) -> None:
         self._start(cfg.name, "consumer", index, restart, host or self.host)

@@ -174,8 +174,6 @@ def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys
 
 
 def _local_control(run_id: Optional[str], logs_dir: Path) -> str:
-    import json
-
     from runner.transports import zeromq as wire
 
     logs = sorted((p for p in logs_dir.glob("*.jsonl") if not p.name.endswith((".dead.jsonl", ".pending.jsonl"))),

@@ -374,7 +374,7 @@ class Coordinator(Supervisor):
         batch = self.ledger.add(pool, n, blob, proc.key, credit_to=proc.key)
         if proc.key in self.credit:
             self.credit[proc.key] -= n
-            if self.credit[proc.key] <= 0:
+            if self.credit[proc.key] - self.credit_owed.get(proc.key, 0) <= 0:  # what the producer itself has left
                 self._queue_full(pool)
         if self.run_cfg.logs.jobs == "all":
             for i in range(n):

@@ -163,6 +163,14 @@ def worker(
     raise typer.Exit(int(agent.run()))
 
 
+# the options `runner status` and `runner stop` share: which run, and how to reach its coordinator
+RunIdArgument = typer.Argument(None, help="The run (default: the newest running run in --logs).")
+LogsOption = typer.Option(Path("logs"), "--logs", help="Folder of run logs.")
+ConnectOption = typer.Option(None, "--connect", help="A remote coordinator's bound address.")
+ControlKeysOption = typer.Option(None, "--keys", help="CURVE keys folder (a worker key the coordinator authorizes).")
+KeyNameOption = typer.Option(None, "--name", help="Use <name>.key_secret from --keys (default: worker.key_secret).")
+
+
 def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys: Optional[Path], kind: int, name: Optional[str] = None) -> dict:
     """Ask a running coordinator: by --connect (remote, CURVE), or the control socket of a run in --logs."""
     from runner.transports import zeromq as wire
@@ -194,11 +202,11 @@ def _local_control(run_id: Optional[str], logs_dir: Path) -> str:
 
 @app.command()
 def status(
-    run_id: Optional[str] = typer.Argument(None, help="The run (default: the newest running run in --logs)."),
-    logs_dir: Path = typer.Option(Path("logs"), "--logs", help="Folder of run logs."),
-    connect: Optional[str] = typer.Option(None, "--connect", help="A remote coordinator's bound address."),
-    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys folder (a worker key the coordinator authorizes)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Use <name>.key_secret from --keys (default: worker.key_secret)."),
+    run_id: Optional[str] = RunIdArgument,
+    logs_dir: Path = LogsOption,
+    connect: Optional[str] = ConnectOption,
+    keys: Optional[Path] = ControlKeysOption,
+    name: Optional[str] = KeyNameOption,
     as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON."),
 ) -> None:
     """Show a running coordinator's hosts, pools, processes, queue depths, counts and rate."""
@@ -228,11 +236,11 @@ def status(
 
 @app.command()
 def stop(
-    run_id: Optional[str] = typer.Argument(None, help="The run (default: the newest running run in --logs)."),
-    logs_dir: Path = typer.Option(Path("logs"), "--logs", help="Folder of run logs."),
-    connect: Optional[str] = typer.Option(None, "--connect", help="A remote coordinator's bound address."),
-    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys folder (a worker key the coordinator authorizes)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Use <name>.key_secret from --keys (default: worker.key_secret)."),
+    run_id: Optional[str] = RunIdArgument,
+    logs_dir: Path = LogsOption,
+    connect: Optional[str] = ConnectOption,
+    keys: Optional[Path] = ControlKeysOption,
+    name: Optional[str] = KeyNameOption,
 ) -> None:
     """Ask a running coordinator for the graceful stop (the same as SIGTERM)."""
     from runner.transports import zeromq as wire

@@ -168,18 +168,16 @@ class Coordinator(Supervisor):
             except ProtocolError as exc:
                 self.log.error("protocol.error", peer="control", error=str(exc))
                 continue
-            if kind == wire.STATUS:
-                reply = self.status()
-            elif kind == wire.STOP_RUN:
-                self.request_stop("runner stop")
-                reply = {"ok": True, "run_id": self.run_id}
-            else:
-                reply = {"error": f"unknown request {kind}"}
-            self.control.send_multipart([identity, wire.header(wire.REPLY, reply)])
+            self.control.send_multipart([identity, wire.header(wire.REPLY, self.control_reply(kind))])
 
-    def request_stop(self, reason: str) -> None:
-        """`runner stop`: the same graceful stop as SIGTERM."""
-        self.signals.append(signal.SIGTERM)
+    def control_reply(self, kind: int) -> dict[str, Any]:
+        """A control request's answer (local socket or the bound one): `runner status`, `runner stop`."""
+        if kind == wire.STATUS:
+            return self.status()
+        if kind == wire.STOP_RUN:
+            self.signals.append(signal.SIGTERM)  # the same graceful stop as SIGTERM
+            return {"ok": True, "run_id": self.run_id}
+        return {"error": f"unknown request {kind}"}
 
     def _step(self) -> None:
         """One iteration: wait for a frame, an exit, a signal or the next timer; then act."""
@@ -217,7 +215,7 @@ class Coordinator(Supervisor):
                 self._begin_stop(now, f"{signal.Signals(signum).name} received")
             else:
                 self.log.warning("run.stopping", signal=signal.Signals(signum).name, reason="second signal: stopping now")
-                self._signal_all(signal.SIGKILL, "killed: stop requested twice")
+                self._kill_all("killed: stop requested twice")
 
     def _begin_stop(self, now: float, reason: str) -> None:
         """Graceful stop: no new work; producers stop; consumers finish the job in hand."""
@@ -259,7 +257,7 @@ class Coordinator(Supervisor):
                 for proc in self.all_procs():
                     self._stop(proc, "done")
         if self.state in ("stopping", "draining") and self.deadline is not None and now > self.deadline:
-            self._signal_all(signal.SIGKILL, f"killed: still running {self.run_cfg.shutdown.grace:g}s after the stop")
+            self._kill_all(f"killed: still running {self.run_cfg.shutdown.grace:g}s after the stop")
             self.deadline = None
         if not self.all_procs() and self.state in ("stopping", "draining"):
             self.state = "over"

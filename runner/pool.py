@@ -53,6 +53,7 @@ class Proc:
     ready: bool = False
     stop_reason: str | None = None  #: set when the coordinator asked it to stop
     kill_reason: str | None = None  #: set when the coordinator killed it
+    stop_killed: bool = False  #: killed because a stop could not wait (its job is pending, not charged)
     fatal: tuple[str, str] | None = None
     outstanding: deque[int] = field(default_factory=deque)  #: batch ids it holds, oldest first
     assigned: int = 0  #: jobs given to it, for max_jobs_per_process

@@ -122,12 +122,8 @@ class RemoteHosts:
 
     def _on_message(self, identity: bytes, kind: int, fields: list[Any], frame: bytes | None) -> None:
         coordinator = self.coordinator
-        if kind == wire.STATUS:
-            self._send(identity, wire.REPLY, coordinator.status())
-            return
-        if kind == wire.STOP_RUN:
-            coordinator.request_stop("runner stop")
-            self._send(identity, wire.REPLY, {"ok": True, "run_id": coordinator.run_id})
+        if kind in (wire.STATUS, wire.STOP_RUN):
+            self._send(identity, wire.REPLY, coordinator.control_reply(kind))
             return
         if kind == wire.HELLO:
             self._on_hello(identity, fields)

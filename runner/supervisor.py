@@ -157,6 +157,12 @@ class Supervisor:
         else:
             self.procs.signal(proc, signum, reason)
 
+    def _kill_all(self, reason: str) -> None:
+        """SIGKILL every process because the stop cannot wait: what they held is pending, not charged."""
+        for proc in self.all_procs():
+            proc.stop_killed = True
+            self._signal(proc, signal.SIGKILL, reason)
+
     def _signal_all(self, signum: int, reason: str | None = None) -> None:
         for proc in self.all_procs():
             self._signal(proc, signum, reason)
@@ -233,7 +239,7 @@ class Supervisor:
                 else:
                     requeue.append(job)
         # ended by the stop, not by itself: SIGKILLed after the grace / a second signal, or our SIGTERM hit it while it started
-        killed_by_stop = self.state == "stopping" and (proc.kill_reason or "").startswith("killed:")
+        killed_by_stop = self.state == "stopping" and proc.stop_killed
         stopped_starting = self.state == "stopping" and ended.signal == "SIGTERM" and not proc.ready and not proc.fatal
         if charged is not None and killed_by_stop:
             requeue.append(charged)  # not its job's fault: pending, no attempt charged

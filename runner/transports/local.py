@@ -20,6 +20,7 @@ import os
 import select
 import struct
 import threading
+from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
@@ -29,6 +30,23 @@ _HEADER = struct.Struct("!I")
 _READ_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # Linux: grow a pipe's buffer, so a batch rarely has to wait in the outbox
 PIPE_SIZE = 1 << 20
+
+
+def take_frames(buffer: bytearray) -> list[bytes] | None:
+    """Cut every complete frame off the front of `buffer` (a torn tail stays); None if it holds garbage."""
+    frames = []
+    start = 0
+    while len(buffer) - start >= 4:
+        (size,) = _HEADER.unpack_from(buffer, start)
+        if size > MAX_FRAME:
+            return None
+        end = start + 4 + size
+        if end > len(buffer):
+            break
+        frames.append(bytes(buffer[start + 4 : end]))
+        start = end
+    del buffer[:start]
+    return frames
 
 
 def grow_pipe(fd: int) -> None:
@@ -81,23 +99,12 @@ class FrameReader:
             self._buffer += chunk
             if len(chunk) < _READ_SIZE:
                 break
-        yield from self._frames()
-
-    def _frames(self) -> Iterator[bytes]:
-        buffer = self._buffer
-        start = 0
-        while len(buffer) - start >= 4:
-            (size,) = _HEADER.unpack_from(buffer, start)
-            if size > MAX_FRAME:
-                self.eof = True  # garbage: stop reading this pipe
-                buffer.clear()
-                return
-            end = start + 4 + size
-            if end > len(buffer):
-                break
-            yield bytes(buffer[start + 4 : end])
-            start = end
-        del buffer[:start]
+        frames = take_frames(self._buffer)
+        if frames is None:
+            self.eof = True  # garbage: stop reading this pipe
+            self._buffer.clear()
+            return
+        yield from frames
 
     def close(self) -> None:
         self._conn.close()
@@ -160,29 +167,21 @@ class FrameReceiver:
         self._conn = conn
         self._fd = conn.fileno()
         self._buffer = bytearray()
+        self._ready: deque[bytes] = deque()
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
 
     def get(self, timeout: float | None) -> bytes | None:
         """The next frame, or None after `timeout` seconds (None: wait for ever). EOFError if the coordinator is gone."""
-        while True:
-            frame = self._next()
-            if frame is not None:
-                return frame
+        while not self._ready:
             if not self._poll.poll(None if timeout is None else int(timeout * 1000)):
                 return None
             chunk = os.read(self._fd, _READ_SIZE)
             if not chunk:
                 raise EOFError("the coordinator closed this process's inbox")
             self._buffer += chunk
-
-    def _next(self) -> bytes | None:
-        buffer = self._buffer
-        if len(buffer) < 4:
-            return None
-        (size,) = _HEADER.unpack_from(buffer, 0)
-        if len(buffer) < 4 + size:
-            return None
-        frame = bytes(buffer[4 : 4 + size])
-        del buffer[: 4 + size]
-        return frame
+            frames = take_frames(self._buffer)
+            if frames is None:
+                raise EOFError("garbage in this process's inbox")
+            self._ready.extend(frames)
+        return self._ready.popleft()

@@ -327,7 +327,7 @@ def start_gated_run(folder: Path, jobs: int = 10) -> subprocess.Popen[str]:
 
 #: a tiny typer app with the log commands registered, for `python -c` subprocesses
 TINY_APP = (
-    "import sys, typer; from runner.logcli import register; "
+    "import sys, typer; from runner.cli.logs import register; "
     "app = typer.Typer(add_completion=False); register(app); "
     "app(sys.argv[1:], prog_name='runner')"
 )

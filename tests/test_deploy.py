@@ -990,7 +990,7 @@ def mount_secrets(folder: Path, keys: Path, items: list[tuple[str, str]]) -> Non
 
 
 def test_compose_static(tmp_path: Path) -> None:
-    from runner.transports.zeromq import CoordinatorKeys, WorkerKeys
+    from runner.wire.zeromq import CoordinatorKeys, WorkerKeys
 
     compose = load_compose()
     services = compose["services"]
@@ -1092,7 +1092,7 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def test_k8s_manifests_static(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
-    from runner.transports.zeromq import CoordinatorKeys, WorkerKeys
+    from runner.wire.zeromq import CoordinatorKeys, WorkerKeys
 
     docs = rendered["base"]
     grace = grace_of()

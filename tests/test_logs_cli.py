@@ -26,7 +26,7 @@ from logfixtures import (
 )
 from typer.testing import CliRunner
 
-from runner.logcli import register
+from runner.cli.logs import register
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -298,8 +298,8 @@ def test_remote_producer_respects_backpressure(tmp_path: Path, cleanup: list) ->
 
 
 def test_status_and_stop_during_a_run(tmp_path: Path, cleanup: list) -> None:
-    bind = address()
-    cfg = config(n=300, work=0.05)
+    bind, hold = address(), tmp_path / "hold"
+    cfg = config(n=300, work=0.05, gate=hold, gate_after=100)  # the run cannot end before the stop, however slow the machine
     cfg["consumers"][0]["params"]["announce"] = True
     run = coordinator(tmp_path, cleanup, cfg, "--bind", bind)
     remote = worker(tmp_path, cleanup, bind, "hostb", "--processes", "2")
@@ -321,6 +321,7 @@ def test_status_and_stop_during_a_run(tmp_path: Path, cleanup: list) -> None:
 
     stopped = runner_cli("stop", "--logs", "logs", cwd=tmp_path, timeout=30)
     assert stopped.returncode == 0 and f"stopping run {run.run_id}" in stopped.stdout, stopped.stderr
+    hold.touch()  # the producer leaves its wait and sees the stop
     finish(run, remote, code=143)
     finished = run.events("run.finished")[-1]
     assert finished["status"] == "stopped"
@@ -394,8 +395,8 @@ def _header(*items: Any) -> bytes:
 
 
 def test_garbage_on_the_wire_is_logged_and_dropped(tmp_path: Path, cleanup: list) -> None:
-    from runner.protocol import MAX_FRAME
-    from runner.transports import zeromq as wire
+    from runner.wire.messages import MAX_FRAME
+    from runner.wire import zeromq as wire
 
     bind, gate = address(), tmp_path / "gate"
     run = coordinator(tmp_path, cleanup, config(n=40, work=0.01, gate=gate), "--bind", bind)
@@ -526,7 +527,7 @@ def test_worker_gives_up_when_the_coordinator_is_gone(tmp_path: Path, cleanup: l
 def test_worker_of_another_protocol_version_is_told_and_exits_2(tmp_path: Path, cleanup: list) -> None:
     bind, gate = address(), tmp_path / "gate"
     run = coordinator(tmp_path, cleanup, config(n=10, gate=gate), "--bind", bind)
-    newer = ("import sys; import runner.transports.zeromq as wire; wire.PROTOCOL_VERSION = 2; "
+    newer = ("import sys; import runner.wire.zeromq as wire; wire.PROTOCOL_VERSION = 2; "
              "from runner.cli import main; main()")
     other = Command(tmp_path, "worker-newer", [sys.executable, "-c", newer, "worker", "--connect", bind, "--name", "newer"])
     cleanup.append(other)

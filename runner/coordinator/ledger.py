@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner import protocol
+from runner.wire import messages as protocol
 
 
 @dataclass(slots=True)
@@ -152,7 +152,7 @@ class Ledger:
         return rest
 
     # -- settling --------------------------------------------------------------------------
-    def progress(self, batch: Batch, done: int) -> range:
+    def settle(self, batch: Batch, done: int) -> range:
         """The process reports `done` jobs of `batch` settled; returns the newly settled indexes."""
         newly = range(batch.done, done)
         self.in_flight_jobs -= len(newly)

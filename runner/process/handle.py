@@ -1,27 +1,30 @@
-"""Local processes: start them together, read their pipes, reap them the moment they exit, stop them.
+"""One local process seen from its parent (the coordinator, or a worker host's agent).
 
-The supervisor knows processes, not jobs: what a process holds is the coordinator's ledger's
-business. It turns the operating system's view (sentinels, exit codes, signals) into plain facts the
-coordinator acts on: frames received, and `Exit(code, signal, reason)`.
+Starting it, its two pipes and its slot, reading it, reaping it the moment it exits, signalling it,
+and the one job-timeout check. This side knows processes, not jobs: what a process holds is the
+coordinator's ledger's business. It turns the operating system's view (sentinels, exit codes,
+signals) into plain facts: frames received, and `Exit(code, signal, reason)`.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator
-from contextlib import contextmanager
 import os
 import signal
-import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 import zmq
 
-from runner.transports.local import FrameReader, FrameSender
-from runner.worker import SLOT_BATCH, SLOT_INDEX, SLOT_STARTED, process_main
+from runner.process.loop import process_main
+from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_SIZE, SLOT_STARTED
+from runner.wire.pipe import FrameReader, FrameSender
+
+#: the module a forkserver imports once, so processes forked from it start with their code loaded
+PRELOAD = "runner.process.loop"
 
 
 @dataclass
@@ -32,50 +35,34 @@ class Exit:
 
 
 @dataclass(eq=False)
-class Proc:
-    """One process, local or on a worker host, and what the coordinator knows of it."""
+class LocalProcess:
+    """A process of this machine: its handle, its pipes and its slot."""
 
     name: str
     pool: str
     role: str
-    index: int
-    restart: int
-    host: str
-    started_at: float
-    remote: bool = False
-    process: BaseProcess | None = None  #: local processes only: the handle, pipe, inbox and slot
-    reader: FrameReader | None = None
-    inbox: Any = None
-    slot: Any = None
-    pid: int | None = None
-    remote_running: tuple[int, int] | None = None  #: a remote process's job in hand when it ended
-    route: Any = None  #: a remote process's (host identity, TO header), encoded once
-    ready: bool = False
-    stop_reason: str | None = None  #: set when the coordinator asked it to stop
-    kill_reason: str | None = None  #: set when the coordinator killed it
-    stop_killed: bool = False  #: killed because a stop could not wait (its job is pending, not charged)
-    fatal: tuple[str, str] | None = None
-    outstanding: deque[int] = field(default_factory=deque)  #: batch ids it holds, oldest first
-    assigned: int = 0  #: jobs given to it, for max_jobs_per_process
-    done: int = 0
-    idle_since: float = 0.0
-    ended: bool = False  #: producers: its stream ended
-
-    @property
-    def key(self) -> str:
-        """Unique in the run: `eater-2` here, `hostb/eater-2` on a worker host."""
-        return f"{self.host}/{self.name}" if self.remote else self.name
+    process: BaseProcess
+    reader: FrameReader
+    inbox: FrameSender
+    slot: Any
+    pid: int | None
+    kill_reason: str | None = None  #: set when its parent signalled it with a reason (a kill)
 
     def running_job(self) -> tuple[int, int] | None:
         """(batch id, index) of the job this process is running now, read from its shared slot."""
-        if self.slot is None:
-            return self.remote_running
         if self.slot[SLOT_STARTED] > 0:
             return int(self.slot[SLOT_BATCH]), int(self.slot[SLOT_INDEX])
         return None
 
     def job_started_at(self) -> float:
-        return float(self.slot[SLOT_STARTED]) if self.slot is not None else 0.0
+        return float(self.slot[SLOT_STARTED])
+
+    def overdue(self, now: float, limit: float | None) -> bool:
+        """The job-timeout check: its job in hand has run past `limit` (and it is not being killed already)."""
+        if not limit or self.kill_reason:
+            return False
+        started = self.job_started_at()
+        return started > 0 and now - started > limit
 
 
 def warm_up(start_method: str) -> None:
@@ -93,7 +80,7 @@ def warm_up(start_method: str) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if start_method != "forkserver":
         return
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["runner.worker"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload([PRELOAD])
     with sigint_shielded():
         forkserver.ensure_running()
 
@@ -130,39 +117,38 @@ def describe_exit(code: int | None) -> tuple[str | None, str]:
 
 
 class LocalProcesses:
-    """Starts, watches and stops the processes of this machine."""
+    """Starts, watches and stops the processes of this machine; one poller for their pipes and exits."""
 
     def __init__(self, start_method: str, host: str) -> None:
         self.mp: Any = multiprocessing.get_context(start_method)  # a context of the chosen start method
         self.start_method = start_method
         self.host = host
-        self.procs: dict[str, Proc] = {}
-        self._by_fd: dict[int, Proc] = {}
-        self._by_sentinel: dict[int, Proc] = {}
-        self._by_outbox: dict[int, Proc] = {}  #: inboxes with frames waiting for the pipe (watched for POLLOUT)
+        self.procs: dict[str, LocalProcess] = {}
+        self._by_fd: dict[int, LocalProcess] = {}
+        self._by_sentinel: dict[int, LocalProcess] = {}
+        self._by_outbox: dict[int, LocalProcess] = {}  #: inboxes with frames waiting for the pipe (watched for POLLOUT)
         self.poller = zmq.Poller()  #: pipes, sentinels and any socket or fd the owner registers
 
-    def start(self, name: str, pool: str, role: str, index: int, spec: dict[str, Any], restart: int = 0) -> Proc:
+    def start(self, name: str, pool: str, role: str, index: int, spec: dict[str, Any]) -> LocalProcess:
         reader, writer = self.mp.Pipe(duplex=False)
         inbox, inbox_writer = self.mp.Pipe(duplex=False)
-        slot = self.mp.RawArray("d", 4)
+        slot = self.mp.RawArray("d", SLOT_SIZE)
         spec = {**spec, "worker": name, "index": index, "role": role, "pool": pool, "host": self.host}
         process = self.mp.Process(target=process_main, args=(role, spec, writer, inbox, slot), name=name, daemon=False)
         with sigint_shielded():  # Ctrl-C goes to the whole process group
             process.start()
         writer.close()  # only the child writes: its death is the pipe's end
         inbox.close()  # only the child reads its inbox
-        proc = Proc(name, pool, role, index, restart, self.host, time.monotonic(), process=process,
-                    reader=FrameReader(reader), inbox=FrameSender(inbox_writer), slot=slot, pid=process.pid)
-        self._by_outbox[proc.inbox.fd] = proc
+        proc = LocalProcess(name, pool, role, process, FrameReader(reader), FrameSender(inbox_writer), slot, process.pid)
         self.procs[name] = proc
-        self._by_fd[proc.reader.fd] = proc  # type: ignore[union-attr]
+        self._by_outbox[proc.inbox.fd] = proc
+        self._by_fd[proc.reader.fd] = proc
         self._by_sentinel[process.sentinel] = proc
-        self.poller.register(proc.reader.fd, zmq.POLLIN)  # type: ignore[union-attr]
+        self.poller.register(proc.reader.fd, zmq.POLLIN)
         self.poller.register(process.sentinel, zmq.POLLIN)
         return proc
 
-    def wait(self, timeout: float) -> tuple[list[Proc], list[Proc], set[Any]]:
+    def wait(self, timeout: float) -> tuple[list[LocalProcess], list[LocalProcess], set[Any]]:
         """Block until a pipe has data, a process ended or a registered socket/fd is ready.
 
         Returns (readable processes, ended processes, other ready sockets and fds).
@@ -180,17 +166,13 @@ class LocalProcesses:
                 other.add(handle)
         return readable, ended, other
 
-    def reap(self, proc: Proc) -> Exit:
-        """Collect an ended process (no zombie stays behind) and say why it ended."""
-        assert proc.process is not None
+    def reap(self, proc: LocalProcess) -> Exit:
+        """Collect an ended process (no zombie stays behind), close its pipes, and say why it ended."""
         proc.process.join()
         code = proc.process.exitcode
         sig, reason = describe_exit(code)
         if proc.kill_reason:
             reason = proc.kill_reason
-        elif proc.fatal:
-            reason = proc.fatal[0]
-        assert proc.process is not None and proc.reader is not None
         self._by_fd.pop(proc.reader.fd, None)
         self._by_sentinel.pop(proc.process.sentinel, None)
         self.poller.unregister(proc.reader.fd)
@@ -201,22 +183,19 @@ class LocalProcesses:
         if proc.inbox.outbox:
             self.poller.unregister(proc.inbox.fd)
         proc.inbox.close()
+        proc.reader.close()
         return Exit(code, sig, reason)
 
-    def forget(self, proc: Proc) -> None:
-        if proc.reader is not None:
-            proc.reader.close()
-
-    def send(self, proc: Proc, frame: bytes) -> None:
+    def send(self, proc: LocalProcess, frame: bytes) -> None:
         waiting = bool(proc.inbox.outbox)
         if proc.inbox.send(frame) and not waiting:
             self.poller.register(proc.inbox.fd, zmq.POLLOUT)
 
-    def _flush(self, proc: Proc) -> None:
+    def _flush(self, proc: LocalProcess) -> None:
         if not proc.inbox.flush():
             self.poller.unregister(proc.inbox.fd)
 
-    def signal(self, proc: Proc, signum: int, reason: str | None = None) -> None:
+    def signal(self, proc: LocalProcess, signum: int, reason: str | None = None) -> None:
         if reason and not proc.kill_reason:
             proc.kill_reason = reason
         try:
@@ -228,3 +207,10 @@ class LocalProcesses:
     def signal_all(self, signum: int, reason: str | None = None) -> None:
         for proc in list(self.procs.values()):
             self.signal(proc, signum, reason)
+
+    def kill_overdue(self, now: float, limit_of: Callable[[str], float | None], job_of: Callable[[LocalProcess], str]) -> None:
+        """SIGKILL every process whose job in hand passed its pool's job_timeout (`job_of` names the job)."""
+        for proc in list(self.procs.values()):
+            limit = limit_of(proc.pool)
+            if proc.overdue(now, limit):
+                self.signal(proc, signal.SIGKILL, f"{job_of(proc)} exceeded job_timeout {limit:g}s")

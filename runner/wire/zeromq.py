@@ -2,7 +2,7 @@
 
 Wire format: every message is one or two ZeroMQ frames. The first is a msgpack array
 `[PROTOCOL_VERSION, kind, *fields]`; the second, when present, is a local protocol frame passed
-through untouched (runner.protocol), so job batches are never re-encoded on the way.
+through untouched (runner.wire.messages), so job batches are never re-encoded on the way.
 
   worker -> coordinator                         coordinator -> worker
   [HELLO, name, pools, processes, pid, run]     [WELCOME, run_id, run_name, specs, heartbeat]
@@ -37,7 +37,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from runner.errors import ProtocolError, UsageError
-from runner.protocol import MAX_FRAME
+from runner.wire.messages import MAX_FRAME
 
 PROTOCOL_VERSION = 1
 (HELLO, WELCOME, REFUSE, SPAWN, TO, SIGNAL, FWD, EXITED, HEARTBEAT, BYE, RESET, STATUS, STOP_RUN, REPLY) = range(101, 115)

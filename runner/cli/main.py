@@ -1,4 +1,4 @@
-"""The `runner` command line: parse, load, delegate. Supervision lives in coordinator.py.
+"""The `runner` command line: parse, load, delegate. Supervision lives in runner/coordinator/.
 
 User mistakes (config, flags, task imports) print one paragraph and exit 2; `--debug` adds the traceback.
 """
@@ -17,7 +17,7 @@ from rich.console import Console
 from runner import __version__
 from runner.config import Config, load_config
 from runner.errors import ExitCode, RunnerError, UsageError
-from runner.task import import_task
+from runner.process.context import import_task
 
 app = typer.Typer(
     name="runner",
@@ -81,9 +81,9 @@ def start(
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         cfg = load_config(config, set_)
-        from runner.coordinator import Coordinator
-        from runner.progress import Progress
-        from runner.transports import zeromq as wire
+        from runner.coordinator.run import Coordinator
+        from runner.display import Display
+        from runner.wire import zeromq as wire
 
         _import_tasks(cfg)
         address = bind or cfg.run.transport.bind
@@ -95,8 +95,8 @@ def start(
         if address:
             wire.require_security(address, coordinator_keys, insecure, "--keys", lambda m: _stderr().print(m, markup=False))
         tty = sys.stderr.isatty()
-        progress = Progress(_stderr(), Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False), tty)
-        coordinator = Coordinator(cfg, progress, address, coordinator_keys)
+        display = Display(_stderr(), Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False), tty)
+        coordinator = Coordinator(cfg, display, address, coordinator_keys)
     except RunnerError as exc:
         _fail(exc)
         return
@@ -148,8 +148,8 @@ def worker(
     path: Optional[list[str]] = typer.Option(None, "--path", help="Add a folder to the import path for task code (repeatable)."),
 ) -> None:
     """Join a coordinator's run from this host and run processes for it. Exit 0 when the run ends, 1 gave up, 2 usage."""
-    from runner.agent import Agent
-    from runner.transports import zeromq as wire
+    from runner.agent.agent import Agent
+    from runner.wire import zeromq as wire
 
     console = _stderr()
     try:
@@ -173,7 +173,7 @@ KeyNameOption = typer.Option(None, "--name", help="Use <name>.key_secret from --
 
 def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys: Optional[Path], kind: int, name: Optional[str] = None) -> dict:
     """Ask a running coordinator: by --connect (remote, CURVE), or the control socket of a run in --logs."""
-    from runner.transports import zeromq as wire
+    from runner.wire import zeromq as wire
 
     if connect:
         return wire.request(connect, kind, wire.WorkerKeys(keys, name) if keys else None)
@@ -182,7 +182,7 @@ def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys
 
 
 def _local_control(run_id: Optional[str], logs_dir: Path) -> str:
-    from runner.transports import zeromq as wire
+    from runner.wire import zeromq as wire
 
     logs = sorted((p for p in logs_dir.glob("*.jsonl") if not p.name.endswith((".dead.jsonl", ".pending.jsonl"))),
                   key=lambda p: p.stat().st_mtime, reverse=True)
@@ -212,7 +212,7 @@ def status(
     """Show a running coordinator's hosts, pools, processes, queue depths, counts and rate."""
     import json
 
-    from runner.transports import zeromq as wire
+    from runner.wire import zeromq as wire
 
     try:
         reply = _control(run_id, logs_dir, connect, keys, wire.STATUS, name)
@@ -243,7 +243,7 @@ def stop(
     name: Optional[str] = KeyNameOption,
 ) -> None:
     """Ask a running coordinator for the graceful stop (the same as SIGTERM)."""
-    from runner.transports import zeromq as wire
+    from runner.wire import zeromq as wire
 
     try:
         reply = _control(run_id, logs_dir, connect, keys, wire.STOP_RUN, name)
@@ -263,7 +263,7 @@ def keys_generate(
     worker_names: Optional[list[str]] = typer.Option(None, "--worker", help="Worker key pair names (repeatable; default: worker)."),
 ) -> None:
     """Make coordinator.key(_secret), one pair per worker, and authorized/ with the workers' public keys."""
-    from runner.transports import zeromq as wire
+    from runner.wire import zeromq as wire
 
     made = wire.generate_keys(folder, worker_names or ["worker"])
     for path in made:
@@ -272,16 +272,14 @@ def keys_generate(
                f"(a worker needs only its own .key_secret and coordinator.key)")
 
 
-def _register_optional() -> None:
-    """Commands that live in their own modules (log inspection, multi-host)."""
-    try:
-        from runner.logcli import register
-    except ImportError:
-        return
+def _register_log_commands() -> None:
+    """`runner runs` and `runner logs ...` live in their own module (cli/logs.py)."""
+    from runner.cli.logs import register
+
     register(app)
 
 
-_register_optional()
+_register_log_commands()
 
 
 def main() -> None:

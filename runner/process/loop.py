@@ -1,6 +1,6 @@
 """The loops that run inside each producer and consumer process.
 
-A process owns one pipe to the coordinator (FrameWriter) and one inbox queue. It never decides its
+A process owns one pipe to the coordinator (FrameWriter) and one inbox pipe from it (FrameReceiver). It never decides its
 own lifecycle: the coordinator tells it to stop (idle, recycled, done) with a STOP message, so the
 coordinator's ledger always knows which jobs a process holds. SIGTERM means "finish the job in hand,
 report, exit"; SIGINT is ignored (the terminal's Ctrl-C is the coordinator's to handle).
@@ -22,8 +22,12 @@ from typing import Any
 
 import msgpack
 
-from runner import logs, protocol
-from runner.protocol import (
+from runner import logs
+from runner.process.context import Context, import_task
+from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_STARTED
+from runner.timing import time_bucket
+from runner.wire import messages as protocol
+from runner.wire.messages import (
     BATCH,
     CREDIT,
     END,
@@ -36,10 +40,8 @@ from runner.protocol import (
     READY,
     REPORT,
     STOP,
-    time_bucket,
 )
-from runner.task import Context, import_task
-from runner.transports.local import FrameReceiver, FrameWriter
+from runner.wire.pipe import FrameReceiver, FrameWriter
 
 #: a long batch reports its progress at least this often, so a crash re-runs little
 REPORT_EVERY_S = 0.05
@@ -51,10 +53,6 @@ SLOW_STEP_S = 0.0001
 POLL_S = 0.5
 #: jobs faster than this on average are timed per batch, not one by one
 FAST_JOB_S = 0.00005
-
-# Slot layout: a shared array the coordinator reads to see the job in hand (for job_timeout and to
-# charge a crash to the right job) without a message per job.
-SLOT_BATCH, SLOT_INDEX, SLOT_STARTED = 0, 1, 2
 
 
 def _die_with_parent() -> None:
@@ -106,7 +104,7 @@ class ProcessLoop:
             pass
         signal.set_wakeup_fd(-1)  # a forked child must not wake the coordinator's loop
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while we started (pool.py); ignored now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while we started (handle.py); ignored now
         signal.signal(signal.SIGTERM, self._on_term)
         _die_with_parent()
         spec = self.spec
@@ -438,7 +436,7 @@ def process_main(kind: str, spec: dict[str, Any], writer: Connection, inbox: Con
             loop.send([FATAL, f"{type(exc).__name__}: {exc}", traceback.format_exc()])
         finally:
             os._exit(1)
-    # Flush the inbox queue's threads quickly and leave without running atexit handlers of the task.
+    # Leave without running the task's atexit handlers (and without multiprocessing joining anything).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

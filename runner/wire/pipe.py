@@ -10,7 +10,7 @@ take waits in an outbox until the pipe is writable; credit keeps that small.
 Why not a multiprocessing.Queue per inbox: measured, its feeder thread (a lock, a notify and a GIL
 hand-off per put) took over half of the coordinator's time at 1 M jobs/s.
 
-Frames on a pipe are a 4-byte big-endian length and a msgpack message (runner.protocol).
+Frames on a pipe are a 4-byte big-endian length and a msgpack message (runner.wire.messages).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
-from runner.protocol import MAX_FRAME
+from runner.wire.messages import MAX_FRAME
 
 _HEADER = struct.Struct("!I")
 _READ_SIZE = 1 << 20

@@ -4,7 +4,7 @@ Every message is a msgpack array whose first item is its kind. Job payloads trav
 the msgpack encoding of the list of payloads, so a batch is encoded once by its producer and decoded
 once by its consumer; the coordinator forwards it untouched unless a job must be retried.
 
-Process -> coordinator (over the process's own pipe; see transports/local.py):
+Process -> coordinator (over the process's own pipe; see wire/pipe.py):
   [READY]                                  the task imported, ready for work
   [BATCH, pool, n, blob]                   n new jobs for consumer pool `pool` (producer)
   [INVALID, error, payload_repr]           a yielded payload msgpack cannot encode (producer)
@@ -17,7 +17,7 @@ Process -> coordinator (over the process's own pipe; see transports/local.py):
   [LOCK, op, name, request]                op: acquire / release a named run-wide lock
   [FATAL, error, traceback]                start-up failed (import error ...); exit follows
 
-Coordinator -> process (over the process's inbox multiprocessing.Queue, as bytes):
+Coordinator -> process (over the process's inbox pipe, the same frames):
   [JOBS, batch_id, first_id, n, ids, attempts, blob, origin]
       n jobs from `origin` (the producing or emitting process); ids None: the ids are first_id, first_id + 1, ...; attempts None: every job is attempt 1
   [CREDIT, n]                              a producer may send n more jobs
@@ -46,7 +46,9 @@ def pack(message: list[Any]) -> bytes:
 
 
 def unpack(data: bytes) -> list[Any]:
-    """Decode one message, refusing anything that is not a known kind (never raises anything else)."""
+    """Decode one message; ProtocolError for bad bytes or an unknown kind.
+
+    Only the envelope is checked here: the fields of each kind are checked by the code that reads them."""
     if len(data) > MAX_FRAME:
         raise ProtocolError(f"frame of {len(data)} bytes is over the {MAX_FRAME} limit")
     try:
@@ -59,8 +61,11 @@ def unpack(data: bytes) -> list[Any]:
 
 
 def unpack_blob(blob: bytes, n: int) -> list[Any]:
-    """The n payloads of a blob."""
-    payloads = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    """The n payloads of a blob; ProtocolError if it does not hold exactly n."""
+    try:
+        payloads = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several types for bad bytes
+        raise ProtocolError(f"undecodable batch blob: {exc}") from exc
     if not isinstance(payloads, list) or len(payloads) != n:
         raise ProtocolError(f"a batch blob should hold {n} jobs")
     return payloads
@@ -68,37 +73,3 @@ def unpack_blob(blob: bytes, n: int) -> list[Any]:
 
 def repack(payloads: list[Any]) -> bytes:
     return msgpack.packb(payloads, use_bin_type=True)
-
-
-# Job-time histogram: 4 buckets per doubling of (1/8) microseconds, so percentiles are within ~19 %,
-# computed with integer operations only (this runs once per job).
-_SUB = 4
-
-
-def time_bucket(seconds: float) -> int:
-    ticks = int(seconds * 8e6)
-    bits = ticks.bit_length()
-    if bits <= 2:
-        return ticks
-    return bits * _SUB + ((ticks >> (bits - 3)) & 3)
-
-
-def bucket_ms(bucket: int) -> float:
-    """The upper edge of a bucket, in milliseconds."""
-    if bucket < 4:
-        return (bucket + 1) / 8e3
-    bits, sub = divmod(bucket, _SUB)
-    return ((4 + sub + 1) << (bits - 3)) / 8e3
-
-
-def percentile_ms(hist: dict[int, int], q: float) -> float | None:
-    total = sum(hist.values())
-    if not total:
-        return None
-    rank = q * total
-    seen = 0
-    for bucket in sorted(hist):
-        seen += hist[bucket]
-        if seen >= rank:
-            return round(bucket_ms(bucket), 3)
-    return round(bucket_ms(max(hist)), 3)

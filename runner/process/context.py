@@ -1,4 +1,7 @@
-"""The user's side: importing `module:function` tasks and the `ctx` every task receives."""
+"""The user's side: importing `module:function` tasks and the `ctx` every task receives.
+
+`Context` asks its process for locks, emits and its logger through `TaskServices`, a narrow protocol:
+it never reaches into the process loop."""
 
 from __future__ import annotations
 
@@ -6,12 +9,21 @@ import importlib
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from runner.errors import TaskImportError
 
-if TYPE_CHECKING:
-    from runner.worker import ProcessLoop
+
+class TaskServices(Protocol):
+    """What a task's `ctx` needs from the process it runs in."""
+
+    log: Any
+
+    def acquire(self, name: str) -> None: ...
+
+    def release(self, name: str) -> None: ...
+
+    def emit(self, payload: Any, to: str | None) -> None: ...
 
 
 def import_task(ref: str, base_dir: str | None = None) -> Callable[..., Any]:
@@ -38,8 +50,8 @@ class Context:
     The job fields (job_id, attempt) change with every job; the rest is fixed for the process.
     """
 
-    def __init__(self, loop: ProcessLoop, spec: dict[str, Any]) -> None:
-        self._loop = loop
+    def __init__(self, services: TaskServices, spec: dict[str, Any]) -> None:
+        self._services = services
         self.run_id: str = spec["run_id"]
         self.pool: str = spec["pool"]
         self.worker: str = spec["worker"]
@@ -55,15 +67,10 @@ class Context:
     def log(self) -> Any:
         """A structlog logger bound to run, pool, worker and (inside a job) job_id and attempt."""
         if self.job_id is None:
-            return self._loop.log
+            return self._services.log
         if self._job_log is None:
-            self._job_log = self._loop.log.bind(job_id=self.job_id, attempt=self.attempt, origin=self.origin)
+            self._job_log = self._services.log.bind(job_id=self.job_id, attempt=self.attempt, origin=self.origin)
         return self._job_log
-
-    def _set_job(self, job_id: int, attempt: int) -> None:
-        self.job_id = job_id
-        self.attempt = attempt
-        self._job_log = None
 
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
@@ -72,12 +79,12 @@ class Context:
         Served by the coordinator: if the holder dies, the lock is released (logged as lock.broken)
         instead of blocking everyone for ever, as a multiprocessing.Lock would.
         """
-        self._loop.acquire(name)
+        self._services.acquire(name)
         try:
             yield
         finally:
-            self._loop.release(name)
+            self._services.release(name)
 
     def emit(self, payload: Any, to: str | None = None) -> None:
         """Send a new job to consumer pool `to` (stage chaining); delivered only if this job succeeds."""
-        self._loop.emit(payload, to)
+        self._services.emit(payload, to)

@@ -1,7 +1,8 @@
 """The coordinator's side of worker hosts: handshake, relaying, heartbeats, loss, control requests.
 
-A worker host's processes are Procs like local ones (remote=True): the coordinator's ledger, dispatch
-and lifecycle decisions are the same; only start, send and signal travel over ZeroMQ. A host silent
+A worker host's processes are Members like local ones (RemoteMember): the coordinator's ledger,
+dispatch and lifecycle decisions are the same; only start, send and signal travel over ZeroMQ. Hosts
+report to the run through a small protocol of callbacks (HostEvents), never by holding it. A host silent
 for `heartbeat.timeout` is lost: its processes count as ended and their jobs go back to the queue.
 Messages from a session the coordinator no longer knows get RESET, so a host that comes back after
 a partition drops its stale work and joins again instead of double-counting.
@@ -12,17 +13,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from runner.config import RunConfig
+from runner.coordinator.members import Member, RemoteMember
 from runner.errors import ProtocolError
-from runner.pool import Exit, Proc
-from runner.transports import zeromq as wire
-
-if TYPE_CHECKING:
-    from runner.coordinator import Coordinator
+from runner.process.handle import Exit
+from runner.wire import zeromq as wire
 
 
 #: most processes per pool a worker host may ask for (a HELLO field: checked, never trusted)
@@ -37,6 +37,27 @@ def _strs(value: Any, n: int | None = None) -> bool:
     return isinstance(value, list) and (n is None or len(value) == n) and all(isinstance(v, str) for v in value)
 
 
+class HostEvents(Protocol):
+    """What Hosts tell the run, and ask of it."""
+
+    run_id: str
+    run_cfg: RunConfig
+    host: str  #: this machine's name (no worker host may take it)
+    state: str
+
+    def pool_spec(self, pool: str) -> dict[str, Any]: ...
+
+    def control_reply(self, kind: int) -> dict[str, Any]: ...
+
+    def on_frame(self, member: Member, frame: bytes) -> None: ...
+
+    def on_exit(self, member: Member, ended: Exit, host_gone: bool = False) -> None: ...
+
+    def on_host_joined(self, host: RemoteHost) -> None: ...
+
+    def on_host_gone(self, name: str) -> None: ...
+
+
 @dataclass(eq=False)
 class RemoteHost:
     identity: bytes
@@ -45,24 +66,24 @@ class RemoteHost:
     processes: int | None  #: per pool; None: the pool's own `processes`
     pid: int
     last_seen: float
-    procs: dict[str, Proc] = field(default_factory=dict)
+    procs: dict[str, RemoteMember] = field(default_factory=dict)
     leaving: bool = False
 
     def capacity(self, configured: int) -> int:
         return self.processes if self.processes is not None else max(configured, 1)
 
 
-class RemoteHosts:
-    def __init__(self, coordinator: Coordinator, context: zmq.Context, address: str, keys: wire.CoordinatorKeys | None) -> None:
-        self.coordinator = coordinator
-        self.log = coordinator.log
+class Hosts:
+    def __init__(self, events: HostEvents, log: Any, context: zmq.Context, address: str, keys: wire.CoordinatorKeys | None) -> None:
+        self.events = events
+        self.log = log
         self.address = address
         self.sock, self.auth, self.refusals = wire.bind_router(context, address, keys)
         # connections that never become ZeroMQ peers (raw TCP garbage, a plain-text peer on a CURVE port)
         # fail inside libzmq; its monitor is the only place they show up
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self.hosts: dict[bytes, RemoteHost] = {}
-        self.heartbeat = coordinator.run_cfg.heartbeat
+        self.heartbeat = events.run_cfg.heartbeat
         self._next_beat = 0.0
 
     def by_name(self, name: str) -> RemoteHost | None:
@@ -121,9 +142,9 @@ class RemoteHosts:
                 self._drop(host, "host.lost", "its send queue is full (it stopped reading)")
 
     def _on_message(self, identity: bytes, kind: int, fields: list[Any], frame: bytes | None) -> None:
-        coordinator = self.coordinator
+        events = self.events
         if kind in (wire.STATUS, wire.STOP_RUN):
-            self._send(identity, wire.REPLY, coordinator.control_reply(kind))
+            self._send(identity, wire.REPLY, events.control_reply(kind))
             return
         if kind == wire.HELLO:
             self._on_hello(identity, fields)
@@ -138,7 +159,7 @@ class RemoteHosts:
             proc = host.procs.get(fields[0])
             if proc is None or frame is None:
                 raise ProtocolError(f"frame from unknown process {fields[0]!r}")
-            coordinator.on_frame(proc, frame)
+            events.on_frame(proc, frame)
         elif kind == wire.EXITED:
             worker, code, signal_name, reason, running, fatal = fields[:6]
             if not (_ints(running, 2) or running is None) or not (fatal is None or _strs(fatal, 2)) or not isinstance(reason, str):
@@ -148,7 +169,7 @@ class RemoteHosts:
                 proc.remote_running = tuple(running) if running else None  # type: ignore[assignment]
                 if fatal:
                     proc.fatal = tuple(fatal)  # type: ignore[assignment]
-                coordinator.on_exit(proc, Exit(code, signal_name, reason))
+                events.on_exit(proc, Exit(code, signal_name, reason))
         elif kind == wire.BYE:
             self._drop(host, "host.left", f"left: {fields[0] if fields else 'bye'}")
         elif kind != wire.HEARTBEAT:
@@ -156,48 +177,49 @@ class RemoteHosts:
 
     def _on_hello(self, identity: bytes, fields: list[Any]) -> None:
         name, pools, processes, pid, run = fields[:5]
-        coordinator = self.coordinator
+        events = self.events
         if not (isinstance(name, str) and 0 < len(name) <= 255 and _strs(pools) and isinstance(pid, int)
                 and (run is None or isinstance(run, str))
                 and (processes is None or (_ints([processes], 1) and 1 <= processes <= MAX_HOST_PROCESSES))):
             raise ProtocolError(f"malformed HELLO (name, pools, processes 1..{MAX_HOST_PROCESSES}, pid, run)")
-        if run and run not in (coordinator.run_id, coordinator.run_cfg.name):
-            self._send(identity, wire.REFUSE, f"this coordinator runs {coordinator.run_id}, not {run}")
+        if run and run not in (events.run_id, events.run_cfg.name):
+            self._send(identity, wire.REFUSE, f"this coordinator runs {events.run_id}, not {run}")
             return
-        known = coordinator.run_cfg
+        known = events.run_cfg
         all_pools = [p.name for p in known.producers] + [c.name for c in known.consumers]
         unknown = [p for p in pools if p not in all_pools]
         if unknown:
-            self._send(identity, wire.REFUSE, f"no pool {', '.join(unknown)} in run {coordinator.run_id}; pools are {', '.join(all_pools)}")
+            self._send(identity, wire.REFUSE, f"no pool {', '.join(unknown)} in run {events.run_id}; pools are {', '.join(all_pools)}")
             return
-        if coordinator.state != "running":
-            self._send(identity, wire.REFUSE, f"run {coordinator.run_id} is {coordinator.state}")
+        if events.state != "running":
+            self._send(identity, wire.REFUSE, f"run {events.run_id} is {events.state}")
             return
         old = self.hosts.get(identity)
         if old is not None:
             self._drop(old, "host.lost", "joined again: its earlier session is void")
         taken = {h.name for h in self.hosts.values()}
         unique, n = name, 2
-        while unique in taken or unique == coordinator.host:
+        while unique in taken or unique == events.host:
             unique, n = f"{name}-{n}", n + 1
         host = RemoteHost(identity, unique, pools or [c.name for c in known.consumers], processes, pid, time.monotonic())
         self.hosts[identity] = host
-        specs = {pool: coordinator.pool_spec(pool) for pool in host.pools}
-        self._send(identity, wire.WELCOME, coordinator.run_id, known.name, unique, specs,
+        specs = {pool: events.pool_spec(pool) for pool in host.pools}
+        self._send(identity, wire.WELCOME, events.run_id, known.name, unique, specs,
                    {"interval": self.heartbeat.interval, "timeout": self.heartbeat.timeout}, known.start_method)
-        coordinator.log.info("host.joined", host=unique, pools=host.pools, processes=processes, agent_pid=pid)
-        coordinator.on_host_joined(host)
+        self.log.info("host.joined", host=unique, pools=host.pools, processes=processes, agent_pid=pid)
+        events.on_host_joined(host)
 
     # -- sending -----------------------------------------------------------------------------
-    def spawn(self, host: RemoteHost, name: str, pool: str, role: str, index: int, restart: int, spec: dict[str, Any]) -> Proc:
-        proc = Proc(name, pool, role, index, restart, host.name, time.monotonic(), remote=True)
+    def spawn(self, host: RemoteHost, name: str, pool: str, role: str, index: int, restart: int, spec: dict[str, Any]) -> RemoteMember:
+        proc = RemoteMember(name, pool, role, index, restart, host.name)
         proc.route = (host.identity, wire.header(wire.TO, name))
         host.procs[name] = proc
         self._send(host.identity, wire.SPAWN, name, pool, role, index, restart, spec)
         return proc
 
-    def send(self, proc: Proc, frame: bytes) -> None:
+    def send(self, proc: Member, frame: bytes) -> None:
         """A frame into a remote process's inbox (the hot path: the header was encoded at spawn)."""
+        assert isinstance(proc, RemoteMember)
         identity, head = proc.route
         if identity not in self.hosts:
             return  # its host is gone; the ledger has already taken its jobs back
@@ -206,14 +228,12 @@ class RemoteHosts:
         except zmq.Again:
             self._drop(self.hosts[identity], "host.lost", "its send queue is full (it stopped reading)")
 
-    def signal(self, proc: Proc, signum: int, reason: str | None) -> None:
+    def signal(self, proc: Member, signum: int, reason: str | None) -> None:
         host = self.by_name(proc.host)
-        if reason and not proc.kill_reason:
-            proc.kill_reason = reason
         if host is not None:
             self._send(host.identity, wire.SIGNAL, proc.name, signum, reason)
 
-    def procs(self) -> list[Proc]:
+    def members(self) -> list[Member]:
         return [proc for host in self.hosts.values() for proc in host.procs.values()]
 
     # -- time --------------------------------------------------------------------------------
@@ -230,14 +250,12 @@ class RemoteHosts:
     def _drop(self, host: RemoteHost, event: str, reason: str) -> None:
         """A host is gone: its processes end now and their jobs go back to the queue."""
         self.hosts.pop(host.identity, None)
-        # restarts still due for its processes die with it: started later they would run here, or twice
-        # on the host when it joins again under the same name
-        self.coordinator.restarts[:] = [r for r in self.coordinator.restarts if r[4] != host.name]
+        self.events.on_host_gone(host.name)
         level = "error" if event == "host.lost" else "info"
         getattr(self.log, level)(event, host=host.name, reason=reason, processes=len(host.procs))
         for proc in list(host.procs.values()):
             host.procs.pop(proc.name, None)
-            self.coordinator.on_exit(proc, Exit(None, None, f"host {host.name} {reason}"), host_gone=True)
+            self.events.on_exit(proc, Exit(None, None, f"host {host.name} {reason}"), host_gone=True)
 
     def close(self, reason: str, wait: float = 2.0) -> None:
         """Tell every host the run is over and wait (briefly) for each to answer: delivery by acknowledgement,

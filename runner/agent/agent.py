@@ -1,0 +1,138 @@
+"""`runner worker`: a host that joins a coordinator's run and runs processes for it.
+
+The agent is a relay with local supervision: the coordinator decides which processes run here and
+what they hold (its ledger is the only one); the agent starts them, passes frames both ways, reaps
+them, enforces job_timeout on them, and reports every exit with the job in hand. If the coordinator
+goes silent past the heartbeat timeout, the agent kills its processes (their jobs are being re-run
+elsewhere), and joins again with backoff until `--give-up` runs out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import zmq
+
+from runner import logs
+from runner.agent.session import HANDSHAKE_S, Session, SessionEnded
+from runner.backoff import backoff
+from runner.errors import ExitCode, ProtocolError
+from runner.wire import zeromq as wire
+
+#: reconnect delays: 0.1 s doubling to 5 s, with jitter
+RECONNECT_BASE_S, RECONNECT_CAP_S = 0.1, 5.0
+
+
+class Agent:
+    def __init__(self, address: str, pools: list[str], processes: int | None, name: str | None, keys: wire.WorkerKeys | None,
+                 give_up: float, serve: bool, run: str | None, say: Any, extra_path: list[str]) -> None:
+        self.address = address
+        self.pools = pools
+        self.processes = processes
+        self.name = name or logs.HOST
+        self.keys = keys
+        self.give_up = give_up
+        self.serve = serve
+        self.run_filter = run
+        self.say = say
+        self.extra_path = extra_path
+        self.stop_signal: int | None = None
+        self.joined = False
+        # ZeroMQ's threads must not take our signals: they start with SIGINT/SIGTERM blocked (run() unblocks)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        self.context = zmq.Context()
+
+    def run(self) -> ExitCode:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            return self._sessions()
+        finally:
+            self.context.term()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None:
+            os._exit(128 + signum)  # second signal: leave now; our processes die with us
+        self.stop_signal = signum
+
+    def _sessions(self) -> ExitCode:
+        lost_since: float | None = None
+        attempt = 1
+        while True:
+            delay = backoff(RECONNECT_BASE_S, attempt, RECONNECT_CAP_S, jitter=True)
+            try:
+                self._session()
+            except SessionEnded as end:
+                if end.outcome == "done":
+                    self.say(f"run over: {end.detail}")
+                    if not self.serve:
+                        return ExitCode.OK
+                    lost_since, attempt, self.joined = None, 1, False
+                    continue
+                if end.outcome == "stopped":
+                    return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
+                if end.outcome == "refused" and self.serve:
+                    # another run, or this one ending: a serving worker waits for a run that takes it
+                    self.say(f"the coordinator at {self.address} refused this worker ({end.detail}); waiting for the next run")
+                    lost_since = None
+                    if self._pause(delay):
+                        return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
+                    attempt += 1
+                    continue
+                if end.outcome == "refused":
+                    self.say(f"error: the coordinator at {self.address} refused this worker: {end.detail}")
+                    return ExitCode.USAGE
+                if end.outcome == "usage":
+                    self.say(f"error: {end.detail}")
+                    return ExitCode.USAGE
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if now - lost_since > self.give_up and (self.joined or not self.serve):  # serving between runs: wait on
+                    self.say(f"error: no coordinator at {self.address} for {self.give_up:g}s ({end.detail}); giving up. "
+                             "Is it running, and are the address and keys right?")
+                    return ExitCode.FAILED
+                what = "coordinator lost" if end.outcome in ("lost", "reset") and self.joined else "waiting for the coordinator"
+                self.say(f"{what} ({end.detail}); trying again in {delay:.1f}s")
+                if self._pause(delay):
+                    return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
+                attempt += 1
+            else:
+                lost_since = None
+
+    def _pause(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self.stop_signal is None:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return self.stop_signal is not None
+
+    # -- one session ---------------------------------------------------------------------------
+    def _session(self) -> None:
+        sock = wire.connect_dealer(self.context, self.address, self.keys)
+        try:
+            welcome = self._handshake(sock)
+            Session(self, sock, welcome).run()
+        finally:
+            sock.close(0)
+
+    def _handshake(self, sock: zmq.Socket) -> list[Any]:
+        """One HELLO per socket (a new socket for every attempt), so a slow answer never makes two sessions."""
+        sock.send(wire.header(wire.HELLO, self.name, self.pools, self.processes, os.getpid(), self.run_filter))
+        deadline = time.monotonic() + HANDSHAKE_S
+        while time.monotonic() < deadline:
+            if self.stop_signal is not None:
+                raise SessionEnded("stopped")
+            if sock.poll(100):
+                try:
+                    kind, fields, _ = wire.parse(sock.recv_multipart())
+                except ProtocolError as exc:  # another release's coordinator (or not a coordinator at all)
+                    raise SessionEnded("usage", f"the coordinator at {self.address} answered in a way this worker does not "
+                                                f"understand ({exc}); install the same runner version on every host") from exc
+                if kind == wire.WELCOME:
+                    return fields
+                if kind == wire.REFUSE:
+                    raise SessionEnded("refused", fields[0])
+        raise SessionEnded("lost", "no answer to the handshake (not running yet, a wrong address, or a key the coordinator does not accept)")

@@ -1,0 +1,50 @@
+"""The local control socket: `runner status` and `runner stop` for the user who started the run.
+
+  client -> coordinator   [STATUS] / [STOP_RUN]        (runner.wire.zeromq headers)
+  coordinator -> client   [REPLY, dict]                the status, or {"ok": true, "run_id": ...}
+
+It lives at ipc://$TMPDIR/runner-<uid>/<run_id>.ctl, in a folder only that user may enter. The
+same requests also reach the bound address of a multi-host run (hosts.py); both answer through
+the one `reply` function the coordinator gives.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from runner.errors import ProtocolError
+from runner.wire import zeromq as wire
+
+
+class ControlSocket:
+    def __init__(self, context: zmq.Context, run_id: str, reply: Callable[[int], dict[str, Any]], log: Any) -> None:
+        self.address = wire.control_address(run_id)
+        self._reply = reply
+        self.log = log
+        self.sock = context.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.address)
+
+    def serve(self) -> None:
+        """Answer every request waiting (never blocks)."""
+        while True:
+            try:
+                identity, *parts = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                kind, _, _ = wire.parse(parts)
+            except ProtocolError as exc:
+                self.log.error("protocol.error", peer="control", error=str(exc))
+                continue
+            self.sock.send_multipart([identity, wire.header(wire.REPLY, self._reply(kind))])
+
+    def close(self) -> None:
+        self.sock.close(0)
+        path = self.address.removeprefix("ipc://")
+        if os.path.exists(path):
+            os.unlink(path)

@@ -1,0 +1,55 @@
+"""The run's output files, written only by the coordinator: results, dead letters, pending jobs.
+
+  results (`results:` in the config)   one line per done job: job_id, pool, result (appended)
+  <run_id>.dead.jsonl                  one line per dead-lettered job: payload, error, traceback, attempts
+  <run_id>.pending.jsonl               written at the end: every job not settled (a stopped run)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Any
+
+from runner import logs
+
+
+class RunFiles:
+    def __init__(self, log_dir: Path, run_id: str, results: str | None) -> None:
+        self.dead_path = log_dir / f"{run_id}.dead.jsonl"
+        self.pending_path = log_dir / f"{run_id}.pending.jsonl"
+        self._results: IO[str] | None = None
+        if results:
+            Path(results).parent.mkdir(parents=True, exist_ok=True)
+            self._results = open(results, "a", encoding="utf-8")
+        self._dead: IO[str] | None = None
+
+    @property
+    def wants_results(self) -> bool:
+        return self._results is not None
+
+    def write_results(self, pool: str, results: Iterable[tuple[int, Any]]) -> None:
+        """(job id, result) pairs of one report."""
+        if self._results is not None:
+            self._results.write("".join(logs.dumps({"job_id": job_id, "pool": pool, "result": r}) + "\n" for job_id, r in results))
+
+    def write_dead(self, line: dict[str, Any]) -> None:
+        if self._dead is None:
+            self._dead = open(self.dead_path, "a", encoding="utf-8")
+        self._dead.write(logs.dumps(line) + "\n")
+        self._dead.flush()
+
+    def write_pending(self, lines: list[dict[str, Any]]) -> None:
+        if lines:
+            with open(self.pending_path, "w", encoding="utf-8") as out:
+                out.writelines(logs.dumps(line) + "\n" for line in lines)
+
+    def flush(self) -> None:
+        """A live run's results can be read as it goes, a progress tick behind at most."""
+        if self._results is not None:
+            self._results.flush()
+
+    def close(self) -> None:
+        for handle in (self._results, self._dead):
+            if handle is not None:
+                handle.close()

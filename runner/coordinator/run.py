@@ -1,0 +1,433 @@
+"""The coordinator: one process that owns the run's ledger, its processes, its files and its log.
+
+It composes the parts, each owning its state: the Ledger (where every job is), Flow (credit, batch
+sizing, fair dispatch), the Supervisor (processes: start, scale, restart, exits), Hosts (worker hosts
+over ZeroMQ), the ControlSocket (status, stop) and RunFiles (results, dead, pending). Here is the loop,
+the run's state machine, signals, the messages of processes, and the end of the run.
+
+Shutdown order (signals only set flags; the loop acts):
+  1st SIGINT/SIGTERM: stop dispatching; producers stop at their next job; consumers finish the job in
+     hand and exit; after `shutdown.grace` whatever remains is SIGKILLed. Unfinished jobs go to
+     <run_id>.pending.jsonl. Exit 130 / 143.
+  2nd signal: SIGKILL everything now; pending is still written.
+End of run: every producer ended and every job settled -> consumers get STOP(done) at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from runner import logs
+from runner.config import Config
+from runner.coordinator import report
+from runner.coordinator.control import ControlSocket
+from runner.coordinator.files import RunFiles
+from runner.coordinator.flow import Flow
+from runner.coordinator.hosts import Hosts, RemoteHost
+from runner.coordinator.ledger import Job, Ledger
+from runner.coordinator.locks import LockTable
+from runner.coordinator.members import Member
+from runner.coordinator.supervisor import Supervisor
+from runner.backoff import backoff
+from runner.display import Display
+from runner.errors import ExitCode, ProtocolError
+from runner.process.handle import Exit, warm_up
+from runner.timing import bucket_ms
+from runner.wire import messages
+from runner.wire import zeromq as wire
+from runner.wire.messages import BATCH, END, FATAL, GRANT, INVALID, LOCK, LOG, READY, REPORT
+
+#: supervision tick when nothing happens (job timeouts, idle processes, retries)
+TICK_S = 0.1
+#: per-process checks (job timeouts, idle, scaling, heartbeats) run at most this often
+SUPERVISE_S = 0.02
+#: job retries wait retry_backoff, doubling, at most this long
+RETRY_CAP_S = 60.0
+
+
+def make_run_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+class Coordinator:
+    def __init__(self, config: Config, display: Display, bind: str | None = None, keys: wire.CoordinatorKeys | None = None) -> None:
+        self.config = config
+        run = self.run_cfg = config.run
+        self.run_id = make_run_id(run.name)
+        log_dir = Path(run.logs.dir)
+        self.log_path = log_dir / f"{self.run_id}.jsonl"
+        self.display = display
+        self.runlog = logs.RunLog(self.log_path, run.logs.level, display.console, display.tty)
+        self.log = logs.configure(run.logs.level, self.runlog.write, run_id=self.run_id, role="coordinator", pool=None, worker="coordinator")
+        self.files = RunFiles(log_dir, self.run_id, run.results)
+        self.host = logs.HOST
+        self.bind = bind or run.transport.bind
+        self.keys = keys
+        self.consumers = {c.name: c for c in run.consumers}
+        self.ledger = Ledger(list(self.consumers))
+        self.locks = LockTable()
+        self.supervisor: Supervisor
+        self.flow = Flow(run, self.ledger, self.log, lambda member, message: self.supervisor.send(member, message),
+                         lambda key: self.supervisor.find(key))
+        self.supervisor = Supervisor(config, self.run_id, self.host, self.log, self.ledger, self.flow, self.locks, self)
+        self.context: zmq.Context | None = None
+        self.hosts: Hosts | None = None  #: worker hosts, with --bind
+        self.control: ControlSocket | None = None
+        self.state = "running"  # running -> draining (done) | stopping (signal, failure) -> over
+        self.signals: deque[int] = deque()
+        self.stop_signal: int | None = None
+        self.failure: str | None = None
+        self.deadline: float | None = None
+        self.started = time.monotonic()
+        self.next_progress = 0.0
+        self._next_supervise = 0.0
+        self._last_done = 0
+        self._wake_r, self._wake_w = os.pipe()
+
+    @property
+    def control_address(self) -> str:
+        return wire.control_address(self.run_id)
+
+    # -- life of the run --------------------------------------------------------------------
+    def run(self) -> ExitCode:
+        run = self.run_cfg
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda s, f: self.signals.append(s))
+        warm_up(run.start_method)
+        pools = {p.name: {"role": "producer", "processes": p.processes, "task": p.task} for p in run.producers}
+        pools.update({c.name: {"role": "consumer", "processes": c.processes, "task": c.task} for c in run.consumers})
+        # Helper threads (ZeroMQ's, the live display's) start with SIGINT/SIGTERM blocked (as the CLI left
+        # them), so the signals always reach this thread; then unblock: one that came meanwhile is handled now.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        self._open_sockets()
+        self.display.start(self.snapshot())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        self.log.info("run.started", name=run.name, config=self.config.path, start_method=run.start_method, pools=pools,
+                      log_file=str(self.log_path), results=run.results, coordinator_pid=os.getpid(),
+                      bind=self.bind, control=self.control_address)
+        try:
+            self.supervisor.start_all()
+            while self.state != "over":
+                self._step()
+        finally:
+            self.display.stop()
+            signal.set_wakeup_fd(-1)
+            self._close_sockets()
+        return self._finish()
+
+    def _open_sockets(self) -> None:
+        """The control socket (status, stop) and, with --bind, the socket worker hosts join."""
+        poller = self.supervisor.procs.poller
+        self.context = zmq.Context()
+        self.control = ControlSocket(self.context, self.run_id, self.control_reply, self.log)
+        poller.register(self.control.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        if self.bind:
+            self.hosts = self.supervisor.hosts = Hosts(self, self.log, self.context, self.bind, self.keys)
+            poller.register(self.hosts.sock, zmq.POLLIN)
+
+    def _close_sockets(self) -> None:
+        if self.hosts is not None:
+            self.hosts.close("run over")
+        if self.control is not None:
+            self.control.close()
+        if self.context is not None:
+            self.context.term()
+
+    def control_reply(self, kind: int) -> dict[str, Any]:
+        """A control request's answer (local socket or the bound one): `runner status`, `runner stop`."""
+        if kind == wire.STATUS:
+            return self.status()
+        if kind == wire.STOP_RUN:
+            self.signals.append(signal.SIGTERM)  # the same graceful stop as SIGTERM
+            return {"ok": True, "run_id": self.run_id}
+        return {"error": f"unknown request {kind}"}
+
+    def _step(self) -> None:
+        """One iteration: wait for a frame, an exit, a signal or the next timer; then act."""
+        supervisor = self.supervisor
+        readable, ended, other = supervisor.procs.wait(self._timeout())
+        for handle in readable:
+            self._read(supervisor.member_of(handle))
+        for handle in ended:
+            self._read(supervisor.member_of(handle))  # whatever it wrote before it died counts
+            supervisor.on_local_exit(handle)
+        if self.hosts is not None:
+            self.hosts.drain()
+        if self.control is not None and self.control.sock in other:
+            self.control.serve()
+        if self._wake_r in other:
+            try:
+                os.read(self._wake_r, 512)
+            except BlockingIOError:
+                pass
+        now = time.monotonic()
+        self._handle_signals(now)
+        self._tick(now)
+
+    def _timeout(self) -> float:
+        timeout = TICK_S
+        retry = self.ledger.next_retry_at()
+        if retry is not None:
+            timeout = min(timeout, max(0.0, retry - time.monotonic()))
+        return timeout
+
+    def _handle_signals(self, now: float) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            if self.state in ("running", "draining") and self.stop_signal is None:
+                self.stop_signal = signum
+                self._begin_stop(now, f"{signal.Signals(signum).name} received")
+            else:
+                self.log.warning("run.stopping", signal=signal.Signals(signum).name, reason="second signal: stopping now")
+                self.supervisor.kill_all("killed: stop requested twice")
+
+    def _begin_stop(self, now: float, reason: str) -> None:
+        """Graceful stop: no new work; producers stop; consumers finish the job in hand."""
+        grace = self.run_cfg.shutdown.grace
+        self.log.warning("run.stopping", signal=signal.Signals(self.stop_signal).name if self.stop_signal else None, reason=reason, grace_s=grace)
+        self.state = "stopping"
+        self.deadline = now + grace
+        self.supervisor.restarts.clear()
+        self.supervisor.stop_all("stopped")
+        self.supervisor.signal_all(signal.SIGTERM)
+
+    def fail(self, now: float, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+        if self.state in ("running", "draining"):
+            self._begin_stop(now, reason)
+
+    # -- timers ------------------------------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        supervisor = self.supervisor
+        due = self.ledger.due_retries(now)
+        if due:
+            self.ledger.regroup(due, front=True)
+        supervise = now >= self._next_supervise
+        if supervise:  # the per-process checks, at most every SUPERVISE_S however busy the loop is
+            self._next_supervise = now + SUPERVISE_S
+            supervisor.check_job_timeouts(now)
+            if self.hosts is not None:
+                self.hosts.tick(now)
+        if self.state == "running":
+            if supervise:
+                supervisor.start_due_restarts(now)
+            self.flow.dispatch(self.consumers, supervisor.pool_members)
+            if supervise:
+                supervisor.manage_pools(now)
+            if self.flow.producers_open == 0 and self.ledger.settled() and not supervisor.restarts:
+                self.state = "draining"
+                self.deadline = now + self.run_cfg.shutdown.grace
+                supervisor.stop_all("done")
+        if self.state in ("stopping", "draining") and self.deadline is not None and now > self.deadline:
+            supervisor.kill_all(f"killed: still running {self.run_cfg.shutdown.grace:g}s after the stop")
+            self.deadline = None
+        if not supervisor.members() and self.state in ("stopping", "draining"):
+            self.state = "over"
+        if now >= self.next_progress:
+            self.next_progress = now + self.run_cfg.logs.progress_interval
+            self._log_progress(now)
+        if self.display.due(now):
+            self.display.update(self.snapshot())
+
+    # -- frames ------------------------------------------------------------------------------
+    def _read(self, member: Member) -> None:
+        handle = getattr(member, "handle", None)
+        if handle is not None:
+            for frame in handle.reader.read():
+                self.on_frame(member, frame)
+
+    def on_frame(self, member: Member, frame: bytes) -> None:
+        """One frame from a process, local or relayed by its worker host."""
+        try:
+            self._on_message(member, messages.unpack(frame))
+        except ProtocolError as exc:
+            self.log.error("protocol.error", peer=member.key, error=str(exc))
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            self.log.error("protocol.error", peer=member.key, error=f"malformed message: {exc!r}")
+
+    def _on_message(self, member: Member, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == REPORT:
+            self._on_report(member, *message[1:])
+        elif kind == LOG:
+            self.runlog.write(message[1])
+        elif kind == BATCH:
+            self._on_batch(member, message[1], message[2], message[3])
+        elif kind == READY:
+            if member.remote and len(message) > 1:
+                member.pid = message[1]
+            member.ready = True
+            member.idle_since = time.monotonic()
+            self.log.info("worker.started", pool=member.pool, worker=member.name, role=member.role, pid=member.pid,
+                          restart=member.restart, host=member.host)
+        elif kind == LOCK:
+            self._on_lock(member, message[1], message[2], message[3])
+        elif kind == END:
+            self.supervisor.on_producer_end(member, *message[1:])
+        elif kind == INVALID:
+            pool = self.run_cfg.target_of(self.run_cfg.pool(member.pool))  # type: ignore[arg-type]
+            job = Job(self.ledger.new_job_id(), pool, 0, message[2], member.key)
+            self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message[1], origin=member.key)
+            self._dead_letter(job, message[1], None, attempts=0)
+        elif kind == FATAL:
+            member.fatal = (message[1], message[2])
+
+    def _on_batch(self, member: Member, pool: str, n: int, blob: bytes) -> None:
+        if pool not in self.consumers:
+            self.log.error("protocol.error", peer=member.name, error=f"batch for unknown pool {pool!r}")
+            return
+        batch = self.ledger.add(pool, n, blob, member.key, credit_to=member.key)
+        self.flow.on_batch(member.key, pool, n)
+        if self.run_cfg.logs.jobs == "all":
+            for i in range(n):
+                self.log.info("job.queued", pool=pool, job_id=batch.first_id + i, origin=member.key)
+
+    def _on_report(self, member: Member, batch_id: int, done: int, results: Any, failures: list[Any], emits: list[Any],
+                   hist: dict[int, int]) -> None:
+        batch = self.ledger.in_flight.get(batch_id)
+        if batch is None or batch.owner != member.key:
+            self.log.warning("report.stale", peer=member.name, batch=batch_id)
+            return
+        if not batch.done <= done <= batch.n or any(not batch.done <= f[0] < done for f in failures):
+            raise ProtocolError(f"report for batch {batch_id} out of range (done {done} of {batch.n})")
+        newly = self.ledger.settle(batch, done)
+        stats = self.ledger.stats[batch.pool]
+        for index, error, trace, _ms in failures:
+            job = Job(batch.job_id(index), batch.pool, batch.attempt(index), batch.payload(index), batch.origin)
+            self.job_failed(job, error, trace, member, logged=True)
+        ok = len(newly) - len(failures)
+        stats.done += ok
+        member.jobs_done += ok
+        worker = self.supervisor.worker_stats[member.key]
+        worker["done"] += ok
+        worker["failed"] += len(failures)
+        if ok:
+            self.supervisor.crash_streak[batch.pool] = 0
+        if results:
+            self.files.write_results(batch.pool, ((batch.job_id(i), r) for i, r in results))
+        for pool, n, blob in emits:
+            if pool in self.consumers:
+                self.flow.emits_to[batch.pool].add(pool)
+                emitted = self.ledger.add(pool, n, blob, member.key)
+                if self.run_cfg.logs.jobs == "all":
+                    for i in range(n):
+                        self.log.info("job.queued", pool=pool, job_id=emitted.first_id + i, origin=member.key)
+        if hist:
+            self._merge_hist(batch.pool, hist)
+        if done >= batch.n and batch_id in member.outstanding:
+            member.outstanding.remove(batch_id)
+            if not member.outstanding:
+                member.idle_since = time.monotonic()
+
+    def _merge_hist(self, pool: str, hist: dict[int, int]) -> None:
+        total = self.ledger.stats[pool].hist
+        count = seconds = 0.0
+        for bucket, n in hist.items():
+            total[bucket] = total.get(bucket, 0) + n
+            count += n
+            seconds += n * bucket_ms(bucket) / 1000
+        self.flow.job_time(pool, seconds / count)
+
+    def job_failed(self, job: Job, error: str, trace: str | None, member: Member | None, logged: bool,
+                   extra: dict[str, Any] | None = None) -> None:
+        """A failed attempt: retried after retry_backoff (doubling) while attempts remain, else dead."""
+        cfg = self.consumers[job.pool]
+        stats = self.ledger.stats[job.pool]
+        stats.failed += 1
+        quiet = self.run_cfg.logs.jobs == "none"
+        if not logged and not quiet:
+            self.log.warning("job.failed", pool=job.pool, worker=member.name if member else None, host=member.host if member else None,
+                             job_id=job.id, attempt=job.attempt, error=error, origin=job.origin, **(extra or {}))
+        if job.attempt <= cfg.retries:
+            delay = backoff(cfg.retry_backoff, job.attempt, RETRY_CAP_S)
+            job.attempt += 1
+            stats.retried += 1
+            self.ledger.schedule_retry(job, time.monotonic() + delay)
+            if not quiet:
+                self.log.info("job.retried", pool=job.pool, job_id=job.id, attempt=job.attempt, delay_ms=round(delay * 1000))
+        else:
+            self._dead_letter(job, error, trace, attempts=job.attempt)
+
+    def _dead_letter(self, job: Job, error: str, trace: str | None, attempts: int) -> None:
+        self.ledger.stats[job.pool].dead += 1
+        self.files.write_dead({"job_id": job.id, "pool": job.pool, "payload": job.payload, "error": error,
+                               "traceback": trace, "attempts": attempts, "origin": job.origin})
+        self.log.error("job.dead", pool=job.pool, job_id=job.id, attempts=attempts, error=error, origin=job.origin)
+
+    def _on_lock(self, member: Member, op: str, name: str, request: int) -> None:
+        if op == "acquire":
+            if self.locks.acquire(name, member.key, request):
+                self.supervisor.send(member, [GRANT, name, request])
+        else:
+            handed = self.locks.release(name, member.key)
+            if handed:
+                self.supervisor.grant(name, *handed)
+
+    # -- what Hosts tell the run (HostEvents) -----------------------------------------------
+    def pool_spec(self, pool: str) -> dict[str, Any]:
+        return self.supervisor.pool_spec(pool)
+
+    def on_exit(self, member: Member, ended: Exit, host_gone: bool = False) -> None:
+        self.supervisor.on_exit(member, ended, host_gone)
+
+    def on_host_joined(self, host: RemoteHost) -> None:
+        self.supervisor.on_host_joined(host)
+
+    def on_host_gone(self, name: str) -> None:
+        self.supervisor.on_host_gone(name)
+
+    # -- reporting ---------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """What the live display shows."""
+        now = time.monotonic()
+        return {"name": self.run_cfg.name, "counts": report.counts(self.ledger), "elapsed_s": now - self.started,
+                "full": [pool for pool, at in self.flow.last_full.items() if now - at < 5.0]}
+
+    def _log_progress(self, now: float) -> None:
+        self.files.flush()  # a live run's results can be read as it goes, a tick behind at most
+        counts = report.counts(self.ledger)
+        rate = (counts["done"] - self._last_done) / self.run_cfg.logs.progress_interval
+        self._last_done = counts["done"]
+        self.log.info("progress", **{k: counts[k] for k in ("produced", "done", "failed", "dead", "queued", "in_flight")},
+                      rate=round(rate, 1), elapsed_s=round(now - self.started, 3))
+
+    def status(self) -> dict[str, Any]:
+        """What `runner status` shows: hosts, pools, processes, queues, counts, rate."""
+        return report.status(self.run_id, self.run_cfg.name, self.state, self.started, self.display.rate, self.host,
+                             self.ledger, self.supervisor.members(), self.hosts.hosts.values() if self.hosts else [])
+
+    def _finish(self) -> ExitCode:
+        pending = self.ledger.unsettled()
+        self.files.write_pending([{"job_id": job.id, "pool": job.pool, "payload": job.payload, "attempts": job.attempt - 1}
+                                  for job in pending])
+        counts = report.counts(self.ledger)
+        if self.stop_signal is not None and self.failure is None:
+            status, code = "stopped", ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
+        elif self.failure or self.supervisor.producer_failed or counts["dead"]:
+            status, code = "failed", ExitCode.FAILED
+        else:
+            status, code = "finished", ExitCode.OK
+        pools = report.pool_summary(self.ledger, time.monotonic() - self.started)
+        end = {"status": status, "exit_code": int(code), "duration_s": round(time.monotonic() - self.started, 3),
+               **{k: counts[k] for k in ("produced", "done", "failed", "retried", "dead")}, "pending": len(pending),
+               "error": self.failure, "pending_file": str(self.files.pending_path) if pending else None,
+               "dead_file": str(self.files.dead_path) if counts["dead"] else None}
+        level = "error" if status == "failed" else "info"
+        getattr(self.log, level)("run.finished", **end, pools=pools, workers=self.supervisor.worker_stats)
+        self.files.close()
+        self.runlog.close()
+        self.display.summary({**end, "run_id": self.run_id, "pools": pools, "log_file": str(self.log_path)})
+        return code

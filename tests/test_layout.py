@@ -1,0 +1,32 @@
+"""Names that code outside this repo relies on: a rename must fail here, not silently elsewhere."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+
+import pytest
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_forkserver_preloads_the_child_loop() -> None:
+    """A wrong preload name is ignored by multiprocessing without a word: every process would then
+    import its code after the fork, slower, and nothing would say why."""
+    from runner.process import handle
+
+    assert importlib.util.find_spec(handle.PRELOAD) is not None
+    assert handle.process_main.__module__ == handle.PRELOAD
+
+
+def test_console_script_entry_point() -> None:
+    scripts = [ep for ep in importlib.metadata.entry_points(group="console_scripts") if ep.name == "runner"]
+    assert [ep.value for ep in scripts] == ["runner.cli:main"]
+    assert callable(scripts[0].load())
+
+
+def test_log_event_contract_is_importable() -> None:
+    logs = importlib.import_module("runner.logs")
+    assert "run.finished" in logs.EVENTS
+    assert {"job.failed", "host.lost", "protocol.error"} <= logs.EVENTS

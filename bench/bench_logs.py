@@ -29,7 +29,10 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runner import logview  # noqa: E402
+from runner.logs.read import Damage, LineFilter, read_lines  # noqa: E402
+from runner.logs.summary import summarize  # noqa: E402
+from runner.logs.trace import JobTrace, job_prefilter  # noqa: E402
+from runner.logs.trace import trace as trace_job  # noqa: E402
 
 RUN_ID = "bench-20261126T233001Z-b3c4"
 HOST = "bench-host"
@@ -140,15 +143,15 @@ def bench(path: Path, label: str, job_id: int) -> None:
     print(f"{label}: {path.name}, {size_mb:,.0f} MB")
 
     def summary() -> dict[str, Any]:
-        damage = logview.Damage()
-        return logview.summarize(logview.read_lines([path], damage), damage)
+        damage = Damage()
+        return summarize(read_lines([path], damage), damage)
 
     def filtered(**filters: Any) -> Callable[[], int]:
-        return lambda: sum(1 for _ in logview.LineFilter(**filters).lines([path], logview.Damage()))
+        return lambda: sum(1 for _ in LineFilter(**filters).lines([path], Damage()))
 
-    def trace() -> logview.JobTrace:
-        damage = logview.Damage()
-        return logview.trace(logview.read_lines([path], damage, logview.job_prefilter(job_id)), job_id)
+    def trace() -> JobTrace:
+        damage = Damage()
+        return trace_job(read_lines([path], damage, job_prefilter(job_id)), job_id)
 
     result = in_process("summary", summary)
     print(f"              (done {result['pools']['eat']['done']:,}, p50/p95/p99 {result['pools']['eat']['p50_ms']}/"

@@ -118,14 +118,6 @@ def cpu_line(cpu: dict[str, float], duration: float, jobs: int) -> str:
                       for name, sec in order if sec >= 0.005)
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[k]
-
-
 # -- machine --------------------------------------------------------------------------------------
 def machine_info() -> dict[str, str]:
     import msgpack
@@ -418,6 +410,8 @@ class Bench:
         self.tables.append("\n".join(text))
 
     def section_latency(self) -> None:
+        from runner.timing import nearest_rank
+
         a = self.args
         rate = a.latency_rate
         n = max(10, int(rate * a.latency_s))
@@ -466,7 +460,7 @@ class Bench:
                           ("  … jobs that ran on the worker", remote, ""), ("  … jobs that ran locally", local, "")]
             for glabel, items, note in groups:
                 ms = sorted(x[1] / 1e6 for x in items)
-                stats = {"jobs": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "max_ms": ms[-1] if ms else None}
+                stats = {"jobs": len(ms), "p50_ms": nearest_rank(ms, 0.5), "p99_ms": nearest_rank(ms, 0.99), "max_ms": ms[-1] if ms else None}
                 self.results["latency"][key if glabel == label or glabel.endswith("all jobs") else key + ("_remote" if "worker" in glabel else "_local")] = {**stats, "noise": noise, "label": glabel}
                 if not ms:
                     rows.append([glabel, "0", "–", "–", "–", fmt_noise(noise), note or "no job"])

@@ -6,33 +6,14 @@ Precedence: `--set` overrides > YAML > defaults. Unknown keys are errors, with a
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from runner.durations import parse_duration
 from runner.errors import ConfigError
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: Any) -> Any:
-    """Seconds from `3`, `3s`, `500ms`, `2m`, `1h` (a number alone is seconds)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 3, 3s, 500ms or 2m")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    raise ValueError(f"expected a duration such as 3, 3s, 500ms or 2m, found {value!r}")
-
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 TaskRef = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]

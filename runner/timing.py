@@ -1,9 +1,9 @@
-"""Job times: a histogram cheap enough to fill once per job, and the one percentile rule.
+"""Job times: the per-job histogram processes report, and the one nearest-rank percentile.
 
-4 buckets per doubling of (1/8) microseconds, so percentiles are within ~19 %, computed with integer
-operations only (time_bucket runs once per job on the consumer's hot path). Percentiles are nearest
-rank everywhere: over a histogram (the coordinator's p50/p95/p99) and over exact values (log summaries
-and the benchmark).
+Consumers count each job's time into a histogram bucket (`time_bucket`, once per job, integer
+operations only) and report the histogram; the coordinator reads percentiles off it
+(`percentile_ms`). Exact lists of times (`runner logs summary` while it keeps them, the
+benchmarks) use `nearest_rank`. Both answer the nearest rank: the value at rank ceil(q * n).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+# Job-time histogram: 4 buckets per doubling of (1/8) microseconds, so percentiles are within ~19 %,
+# computed with integer operations only (this runs once per job).
 _SUB = 4
 
 
@@ -30,17 +32,24 @@ def bucket_ms(bucket: int) -> float:
     return ((4 + sub + 1) << (bits - 3)) / 8e3
 
 
+def _rank(q: float, count: int) -> int:
+    """The 1-based nearest rank of quantile q (0..1) among `count` values (0 for q = 0)."""
+    return math.ceil(q * count)
+
+
 def nearest_rank(sorted_values: Sequence[float], q: float) -> float:
-    """The nearest-rank q-quantile (0 < q <= 1) of values already sorted."""
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+    """The q quantile (0..1) of an ascending list by nearest rank; nan for an empty list."""
+    if not sorted_values:
+        return math.nan
+    return sorted_values[max(0, min(len(sorted_values) - 1, _rank(q, len(sorted_values)) - 1))]
 
 
 def percentile_ms(hist: dict[int, int], q: float) -> float | None:
-    """The nearest-rank q-quantile of a histogram, as its bucket's upper edge in ms."""
+    """The q quantile (0..1) of a job-time histogram by nearest rank: its bucket's upper edge, in ms."""
     total = sum(hist.values())
     if not total:
         return None
-    rank = q * total
+    rank = _rank(q, total)
     seen = 0
     for bucket in sorted(hist):
         seen += hist[bucket]

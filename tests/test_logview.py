@@ -1,4 +1,4 @@
-"""runner.logview: filters, merging, damage, trace, summary, timeline and run discovery, in process."""
+"""runner.logs (read, runs, trace, summary, timeline): filters, merging, damage, trace, summary, timeline and run discovery, in process."""
 
 from __future__ import annotations
 
@@ -24,8 +24,11 @@ from logfixtures import (
     write_demo_run,
 )
 
-from runner import logview
-from runner.logview import Damage, LineFilter, LogSourceError
+from runner.logs.read import Damage, LineFilter, checked, follow_file, parse_when, read_lines
+from runner.logs.runs import LogSourceError, find_runs, resolve_sources, run_info
+from runner.logs.summary import ErrorTable, Quantiles, Throughput, sparkline, summarize
+from runner.logs.timeline import write_timeline
+from runner.logs.trace import job_prefilter, trace
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,12 +81,12 @@ def test_each_filter_alone(bakery: RealRun) -> None:
 def test_since_and_until_take_the_run_own_timestamps(bakery: RealRun) -> None:
     everything = bakery.lines()
     middle = sorted(line["timestamp"] for line in everything)[len(everything) // 2]
-    after = matching([bakery.log_path], since=logview.parse_when(middle))
-    before = matching([bakery.log_path], until=logview.parse_when(middle))
+    after = matching([bakery.log_path], since=parse_when(middle))
+    before = matching([bakery.log_path], until=parse_when(middle))
     assert after == [l for l in everything if l["timestamp"] >= middle]
     assert before == [l for l in everything if l["timestamp"] <= middle]
-    assert matching([bakery.log_path], since=logview.parse_when("1d")) == everything  # the run was moments ago
-    assert matching([bakery.log_path], until=logview.parse_when("1d")) == []
+    assert matching([bakery.log_path], since=parse_when("1d")) == everything  # the run was moments ago
+    assert matching([bakery.log_path], until=parse_when("1d")) == []
 
 
 def test_filters_combine_with_and_repeats_with_or(bakery: RealRun) -> None:
@@ -99,16 +102,16 @@ def test_filters_combine_with_and_repeats_with_or(bakery: RealRun) -> None:
 
 def test_parse_when_forms() -> None:
     now = datetime(2026, 11, 26, 23, 30, 0, tzinfo=timezone.utc).timestamp()
-    assert logview.parse_when("10m", now) == "2026-11-26T23:20:00.000Z"
-    assert logview.parse_when("1h30m", now) == "2026-11-26T22:00:00.000Z"
-    assert logview.parse_when("30s", now) == "2026-11-26T23:29:30.000Z"
-    assert logview.parse_when("1d", now) == "2026-11-25T23:30:00.000Z"
-    assert logview.parse_when("2026-11-26T23:30:01.123Z") == "2026-11-26T23:30:01.123Z"
-    assert logview.parse_when("2026-11-26T23:30:01") == "2026-11-26T23:30:01.000Z"  # naive: UTC, like the log
-    assert logview.parse_when("2026-11-27T00:30:01+01:00") == "2026-11-26T23:30:01.000Z"
+    assert parse_when("10m", now) == "2026-11-26T23:20:00.000Z"
+    assert parse_when("1h30m", now) == "2026-11-26T22:00:00.000Z"
+    assert parse_when("30s", now) == "2026-11-26T23:29:30.000Z"
+    assert parse_when("1d", now) == "2026-11-25T23:30:00.000Z"
+    assert parse_when("2026-11-26T23:30:01.123Z") == "2026-11-26T23:30:01.123Z"
+    assert parse_when("2026-11-26T23:30:01") == "2026-11-26T23:30:01.000Z"  # naive: UTC, like the log
+    assert parse_when("2026-11-27T00:30:01+01:00") == "2026-11-26T23:30:01.000Z"
     for bad in ("yesterday", "10 minutes", "5x", ""):
         with pytest.raises(ValueError):
-            logview.parse_when(bad)
+            parse_when(bad)
 
 
 def test_bad_filter_values_raise_value_error() -> None:
@@ -154,7 +157,7 @@ def damaged_log(folder: Path) -> ContractLog:
 def test_damaged_lines_are_counted_once_and_skipped(tmp_path: Path) -> None:
     log = damaged_log(tmp_path)
     damage = Damage()
-    lines = list(logview.read_lines([log.path], damage))
+    lines = list(read_lines([log.path], damage))
     assert damage.count == 4  # not JSON, missing event, not an object, torn last line
     assert damage.first == (str(log.path), 4, "not JSON")
     assert "skipped 4 damaged lines (first: " in str(damage.message()) and ":4: not JSON" in str(damage.message())
@@ -166,22 +169,22 @@ def test_torn_last_line_is_named(tmp_path: Path) -> None:
     log = write_demo_run(tmp_path)
     log.write_raw('{"timestamp":"2026-11-26T23:30:04.000Z","lev')
     damage = Damage()
-    assert list(logview.read_lines([log.path], damage))[-1].event == "run.finished"
+    assert list(read_lines([log.path], damage))[-1].event == "run.finished"
     assert damage.count == 1 and damage.first is not None and damage.first[2] == "torn last line"
 
 
 def test_analyses_skip_unknown_runner_events_and_lines_missing_what_they_need(tmp_path: Path) -> None:
     log = damaged_log(tmp_path)
     damage = Damage()
-    summary = logview.summarize(logview.read_lines([log.path], damage), damage)
+    summary = summarize(read_lines([log.path], damage), damage)
     assert damage.count == 6
     assert summary["pools"]["eat"]["done"] == 9
     damage = Damage()
-    assert logview.trace(logview.checked(logview.read_lines([log.path], damage), damage), 3).outcome == "done"
+    assert trace(checked(read_lines([log.path], damage), damage), 3).outcome == "done"
     damage = Damage()
     out = tmp_path / "trace.json"
     with out.open("wb") as handle:
-        logview.write_timeline(logview.read_lines([log.path], damage), handle, damage)
+        write_timeline(read_lines([log.path], damage), handle, damage)
     validate_trace_events(json.loads(out.read_text()))
 
 
@@ -189,15 +192,15 @@ def test_a_user_event_in_its_own_namespace_is_fine(tmp_path: Path) -> None:
     log = write_demo_run(tmp_path)
     log.line(2.9, "bun.eaten", role="consumer", pool="eat", worker="eat-1", pid=4004, job_id=3, attempt=1, bun=3)
     damage = Damage()
-    logview.summarize(logview.read_lines([log.path], damage), damage)
+    summarize(read_lines([log.path], damage), damage)
     assert damage.count == 0
 
 
 # -- trace ----------------------------------------------------------------------------------
 def test_trace_of_a_job_that_crashed_its_worker_was_retried_and_succeeded(crashy: RealRun) -> None:
     damage = Damage()
-    lines = logview.read_lines([crashy.log_path], damage, logview.job_prefilter(7))
-    job = logview.trace(logview.checked(lines, damage), 7)
+    lines = read_lines([crashy.log_path], damage, job_prefilter(7))
+    job = trace(checked(lines, damage), 7)
     crash = next(l for l in crashy.lines("worker.crashed") if l["job_id"] == 7)
     restarted = next(l for l in crashy.lines("worker.started") if l["worker"] == crash["worker"] and l["restart"] > 0)
     done = next(l for l in crashy.lines("job.done") if l["job_id"] == 7)
@@ -217,18 +220,18 @@ def test_trace_of_a_job_that_crashed_its_worker_was_retried_and_succeeded(crashy
 
 def test_trace_of_a_dead_job_and_of_one_that_failed_once(crashy: RealRun) -> None:
     damage = Damage()
-    dead = logview.trace(logview.read_lines([crashy.log_path], damage), 9)
+    dead = trace(read_lines([crashy.log_path], damage), 9)
     assert dead.outcome == "dead"
     assert [(a.number, a.outcome, a.error) for a in dead.attempts] == [(1, "failed", "ValueError: nine is cursed"), (2, "failed", "ValueError: nine is cursed")]
     assert all(a.duration_ms is not None and a.pid and a.worker.startswith("work-") for a in dead.attempts)
     assert dead.steps[-1].what == "dead" and "after 2 attempt(s)" in dead.steps[-1].detail
-    flaky = logview.trace(logview.read_lines([crashy.log_path], damage), 11)
+    flaky = trace(read_lines([crashy.log_path], damage), 11)
     assert [(a.number, a.outcome) for a in flaky.attempts] == [(1, "failed"), (2, "done")] and flaky.outcome == "done"
-    assert not logview.trace(logview.read_lines([crashy.log_path], damage), 999).found
+    assert not trace(read_lines([crashy.log_path], damage), 999).found
 
 
 def test_trace_prefilter_does_not_confuse_job_ids(crashy: RealRun) -> None:
-    test = logview.job_prefilter(1)
+    test = job_prefilter(1)
     assert test(b'{"event":"job.done","job_id":1,"attempt":1}') and test(b'{"job_id": 1}')
     assert not test(b'{"event":"job.done","job_id":12}') and not test(b'{"job_id":1.5}')
     assert test(b'{"event":"run.finished"}')
@@ -239,7 +242,7 @@ def test_trace_of_an_unfinished_job_in_a_stopped_run(tmp_path: Path) -> None:
     log.run_started()
     log.job_queued(0.1, 1, "eat", "bake-1")
     log.run_finished(0.5, "stopped", produced=1, done=0, failed=0, retried=0, dead=0, pending=1, pools={}, workers={})
-    assert logview.trace(logview.read_lines([log.path], Damage()), 1).outcome == "unfinished"
+    assert trace(read_lines([log.path], Damage()), 1).outcome == "unfinished"
 
 
 # -- summary --------------------------------------------------------------------------------
@@ -250,7 +253,7 @@ def nearest_rank(values: list[float], q: float) -> float:
 
 def test_summary_of_the_bakery_matches_its_lines(bakery: RealRun) -> None:
     damage = Damage()
-    summary = logview.summarize(logview.read_lines([bakery.log_path], damage), damage)
+    summary = summarize(read_lines([bakery.log_path], damage), damage)
     finished = bakery.lines("run.finished")[0]
     eater = summary["pools"]["eater"]
     assert (eater["done"], eater["failed"], eater["retried"], eater["dead"]) == (100, 0, 0, 0)
@@ -272,7 +275,7 @@ def test_summary_of_the_bakery_matches_its_lines(bakery: RealRun) -> None:
 
 def test_summary_of_a_run_with_a_crash_a_retry_and_a_dead_job(crashy: RealRun) -> None:
     damage = Damage()
-    summary = logview.summarize(logview.read_lines([crashy.log_path], damage), damage)
+    summary = summarize(read_lines([crashy.log_path], damage), damage)
     work = summary["pools"]["work"]
     assert (work["done"], work["failed"], work["retried"], work["dead"], work["crashes"]) == (19, 4, 3, 1, 1)
     assert work["restarts"] == len([l for l in crashy.lines("worker.started") if l["restart"] > 0])
@@ -290,7 +293,7 @@ def test_summary_of_a_run_with_a_crash_a_retry_and_a_dead_job(crashy: RealRun) -
 
 def test_summary_figures_of_the_hand_written_run(tmp_path: Path) -> None:
     log = write_demo_run(tmp_path)
-    summary = logview.summarize(logview.read_lines([log.path], Damage()), Damage())
+    summary = summarize(read_lines([log.path], Damage()), Damage())
     eat = summary["pools"]["eat"]
     assert {k: eat[k] for k in ("done", "failed", "retried", "dead", "crashes", "restarts")} == \
         {"done": 9, "failed": 3, "retried": 2, "dead": 1, "crashes": 1, "restarts": 1}
@@ -308,7 +311,7 @@ def test_summary_without_job_lines_falls_back_on_run_finished(tmp_path: Path) ->
     log = write_demo_run(tmp_path)
     kept = [l for l in log.path.read_text().splitlines(keepends=True) if '"job.done"' not in l and '"job.failed"' not in l]
     log.path.write_text("".join(kept))  # what logs.jobs: none would leave
-    summary = logview.summarize(logview.read_lines([log.path], Damage()), Damage())
+    summary = summarize(read_lines([log.path], Damage()), Damage())
     eat = summary["pools"]["eat"]
     assert (eat["done"], eat["failed"], eat["p50_ms"], eat["p95_ms"], eat["times_from"]) == (9, 3, 50.0, 90.0, "run.finished")
     assert summary["workers"]["eat-1"]["done"] == 5
@@ -317,14 +320,14 @@ def test_summary_without_job_lines_falls_back_on_run_finished(tmp_path: Path) ->
 
 def test_summary_of_a_crashed_run_counts_its_lines(tmp_path: Path) -> None:
     log = write_demo_run(tmp_path, finished=False)
-    summary = logview.summarize(logview.read_lines([log.path], Damage()), Damage())
+    summary = summarize(read_lines([log.path], Damage()), Damage())
     assert summary["counts_from"] == "lines"
     assert (summary["pools"]["eat"]["done"], summary["pools"]["eat"]["dead"]) == (9, 1)
 
 
 def test_quantiles_are_exact_up_to_the_cap_then_within_a_percent() -> None:
-    exact = logview.Quantiles(cap=1000)
-    sketched = logview.Quantiles(cap=1000)
+    exact = Quantiles(cap=1000)
+    sketched = Quantiles(cap=1000)
     values = [((i * 7919) % 10007) / 10.0 + 0.1 for i in range(50_000)]
     for value in values[:1000]:
         exact.add(value)
@@ -337,26 +340,26 @@ def test_quantiles_are_exact_up_to_the_cap_then_within_a_percent() -> None:
 
 
 def test_bounded_state_for_long_runs_and_many_errors() -> None:
-    throughput = logview.Throughput(slots=30)
+    throughput = Throughput(slots=30)
     for second in range(200_000):
         throughput.add(1_000_000.0 + second, 2)
     assert len(throughput.counts) <= 60 and sum(throughput.counts) == 400_000
-    errors = logview.ErrorTable(cap=50)
+    errors = ErrorTable(cap=50)
     for n in range(500):
         errors.add(f"KeyError: {n}", "2026-11-26T23:30:01.000Z", n)
     assert len(errors.groups) == 50 and errors.other == 450
 
 
 def test_sparkline() -> None:
-    assert logview.sparkline([0, 1, 2, 4, 8]) == " ▂▃▅█"
-    assert logview.sparkline([]) == "" and logview.sparkline([0, 0]) == "  "
+    assert sparkline([0, 1, 2, 4, 8]) == " ▂▃▅█"
+    assert sparkline([]) == "" and sparkline([0, 0]) == "  "
 
 
 # -- timeline -------------------------------------------------------------------------------
 def timeline_of(paths: list[Path], out: Path) -> list[dict[str, Any]]:
     damage = Damage()
     with out.open("wb") as handle:
-        count = logview.write_timeline(logview.read_lines(paths, damage), handle, damage)
+        count = write_timeline(read_lines(paths, damage), handle, damage)
     document = json.loads(out.read_text())
     assert len(document["traceEvents"]) == count and damage.count == 0
     return validate_trace_events(document)
@@ -421,9 +424,9 @@ def test_runs_are_listed_newest_first_with_their_status(tmp_path: Path) -> None:
     (logs / f"{old.run_id}.dead.jsonl").write_text('{"job_id":10}\n')
     (logs / f"{stopped.run_id}.pending.jsonl").write_text('{"job_id":3}\n')
     (logs / "notes.txt").write_text("not a log")
-    found = logview.find_runs(logs)
+    found = find_runs(logs)
     assert found == [running.path, crashed.path, remote.path, stopped.path, old.path]
-    infos = {info.run_id: info for info in map(logview.run_info, found)}
+    infos = {info.run_id: info for info in map(run_info, found)}
     assert infos[running.run_id].status == "running" and (infos[running.run_id].done, infos[running.run_id].failed) == (3, 1)
     assert infos[crashed.run_id].status == "crashed" and infos[crashed.run_id].done == 9
     assert infos[crashed.run_id].duration_s == pytest.approx(2.9)  # up to its last line
@@ -435,9 +438,9 @@ def test_runs_are_listed_newest_first_with_their_status(tmp_path: Path) -> None:
 
 
 def test_run_info_of_real_runs(bakery: RealRun, crashy: RealRun) -> None:
-    info = logview.run_info(bakery.log_path)
+    info = run_info(bakery.log_path)
     assert (info.status, info.name, info.done, info.failed, info.dead) == ("finished", "bakery", 100, 0, 0)
-    info = logview.run_info(crashy.log_path)
+    info = run_info(crashy.log_path)
     assert (info.status, info.done, info.failed, info.dead) == ("failed", 19, 4, 1)
 
 
@@ -446,16 +449,16 @@ def test_resolve_sources(tmp_path: Path) -> None:
     first = write_demo_run(logs, "alpha", start=datetime(2026, 11, 20, tzinfo=timezone.utc))
     second = write_demo_run(logs, "alpha", start=datetime(2026, 11, 21, tzinfo=timezone.utc), suffix="b00c")
     other = write_demo_run(logs, "beta")
-    assert logview.resolve_sources([], logs) == [other.path]
-    assert logview.resolve_sources([first.run_id], logs) == [first.path]
-    assert logview.resolve_sources(["beta"], logs) == [other.path]
-    assert logview.resolve_sources([str(second.path)], tmp_path / "elsewhere") == [second.path]
+    assert resolve_sources([], logs) == [other.path]
+    assert resolve_sources([first.run_id], logs) == [first.path]
+    assert resolve_sources(["beta"], logs) == [other.path]
+    assert resolve_sources([str(second.path)], tmp_path / "elsewhere") == [second.path]
     with pytest.raises(LogSourceError, match="ambiguous"):
-        logview.resolve_sources(["alpha"], logs)
+        resolve_sources(["alpha"], logs)
     with pytest.raises(LogSourceError, match="no run or file 'gamma'"):
-        logview.resolve_sources(["gamma"], logs)
+        resolve_sources(["gamma"], logs)
     with pytest.raises(LogSourceError, match="no runs in"):
-        logview.resolve_sources([], tmp_path / "empty")
+        resolve_sources([], tmp_path / "empty")
 
 
 # -- follow ---------------------------------------------------------------------------------
@@ -480,7 +483,7 @@ def test_follow_waits_for_a_line_to_end_and_stops_on_run_finished(tmp_path: Path
         script.pop(0)()
 
     damage = Damage()
-    for line in logview.follow_file(log.path, damage, wait=wait):
+    for line in follow_file(log.path, damage, wait=wait):
         events.append(line.event)
     assert events == ["run.started", "job.done", "progress", "run.finished"]
     assert seen[:3] == [["run.started"]] * 3  # the half line was not read as damage or as a line
@@ -494,6 +497,6 @@ def test_follow_stops_when_the_coordinator_is_gone(tmp_path: Path) -> None:
     log.write_raw('{"timestamp":"2026-11-26T23:30:04.000Z","level":"info","ev')
     damage = Damage()
     waits: list[float] = []
-    events = [l.event for l in logview.follow_file(log.path, damage, wait=waits.append)]
+    events = [l.event for l in follow_file(log.path, damage, wait=waits.append)]
     assert events == ["run.started", "progress"] and waits == []
     assert damage.count == 1 and damage.first is not None and damage.first[1:] == (3, "torn last line")

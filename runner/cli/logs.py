@@ -22,9 +22,12 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from runner import logview
-from runner.logs import human
-from runner.logview import Damage, LineFilter, LogSourceError
+from runner.logs.read import Damage, LineFilter, checked, parse_when, read_lines
+from runner.logs.runs import LogSourceError, elapsed_text, find_runs, resolve_sources, run_info
+from runner.logs.summary import Summary, sparkline
+from runner.logs.timeline import write_timeline
+from runner.logs.trace import job_prefilter, trace
+from runner.logs.writer import human
 
 DEFAULT_COMMAND = "show"
 
@@ -120,7 +123,7 @@ def runs(logs_dir: Path = LogsDirOption, as_json: bool = JsonOption) -> None:
     """The runs in a log folder, newest first: id, name, start, duration, status, jobs done / failed / dead."""
     if not logs_dir.is_dir():
         _fail(f"no log folder {logs_dir}/ (give --logs DIR)")
-    infos = [logview.run_info(path) for path in logview.find_runs(logs_dir)]
+    infos = [run_info(path) for path in find_runs(logs_dir)]
     if as_json:
         for info in infos:
             record = {k: v for k, v in vars(info).items() if k != "path"}
@@ -134,7 +137,7 @@ def runs(logs_dir: Path = LogsDirOption, as_json: bool = JsonOption) -> None:
     table.columns[1].justify = table.columns[2].justify = table.columns[4].justify = "left"
     style = {"finished": "green", "failed": "bold red", "crashed": "bold red", "stopped": "yellow", "running": "cyan"}
     for info in infos:
-        table.add_row(info.run_id, info.name or "-", _when(info.started), logview.elapsed_text(info.duration_s),
+        table.add_row(info.run_id, info.name or "-", _when(info.started), elapsed_text(info.duration_s),
                       f"[{style.get(info.status, '')}]{info.status}[/]" if style.get(info.status) else info.status,
                       _count(info.done), _count(info.failed), _count(info.dead))
     console.print(table)
@@ -162,14 +165,14 @@ def show(
     try:
         line_filter = LineFilter(
             level=level, event=event or (), pool=pool or (), worker=worker or (), host=host or (), job=job or (),
-            since=logview.parse_when(since) if since else None, until=logview.parse_when(until) if until else None,
+            since=parse_when(since) if since else None, until=parse_when(until) if until else None,
             grep=grep, limit=limit,
         )
     except ValueError as exc:
         _fail(str(exc))
     damage = Damage()
     with _reading(damage):
-        paths = logview.resolve_sources(sources or [], logs_dir)
+        paths = resolve_sources(sources or [], logs_dir)
         if follow and len(paths) != 1:
             _fail("--follow takes one run or file")
         lines = line_filter.follow(paths[0], damage) if follow else line_filter.lines(paths, damage)
@@ -206,9 +209,9 @@ def trace_command(
     """The life of one job: produced by, each attempt (worker, host, duration, error), retries, done or dead."""
     damage = Damage()
     with _reading(damage):
-        paths = logview.resolve_sources(sources or [], logs_dir)
-        lines = logview.read_lines(paths, damage, logview.job_prefilter(job_id))
-        result = logview.trace(logview.checked(lines, damage), job_id)
+        paths = resolve_sources(sources or [], logs_dir)
+        lines = read_lines(paths, damage, job_prefilter(job_id))
+        result = trace(checked(lines, damage), job_id)
     if not result.found:
         _fail(f"no line mentions job {job_id} in {', '.join(map(str, paths))} "
               "(with logs.jobs: failures, only failed jobs are logged; logs.jobs: all logs every job)", code=1)
@@ -245,8 +248,8 @@ def summary_command(
     """Per pool, worker and host: done / failed / retried / dead, job time p50/p95/p99, throughput, crashes, top errors."""
     damage = Damage()
     with _reading(damage):
-        paths = logview.resolve_sources(sources or [], logs_dir)
-        data = logview.Summary().add_all(logview.checked(logview.read_lines(paths, damage), damage)).result(top)
+        paths = resolve_sources(sources or [], logs_dir)
+        data = Summary().add_all(checked(read_lines(paths, damage), damage)).result(top)
         if as_json:
             sys.stdout.write(orjson.dumps(data).decode() + "\n")
             return
@@ -257,7 +260,7 @@ def _render_summary(console: Console, data: dict[str, Any]) -> None:
     for run_id, run in data["runs"].items():
         status = run.get("status") or "no run.finished"
         console.print(f"run {run_id} ({run.get('name') or '?'}): {status}, "
-                      f"{logview.elapsed_text(run.get('duration_s'))}, started {_when(run.get('started'))} UTC")
+                      f"{elapsed_text(run.get('duration_s'))}, started {_when(run.get('started'))} UTC")
     console.print(f"{data['lines']:,} lines from {_when(data['first'])} to {_when(data['last'])}")
     figures = ("done", "failed", "retried", "dead")
     times = ("p50 ms", "p95 ms", "p99 ms")
@@ -282,8 +285,8 @@ def _render_summary(console: Console, data: dict[str, Any]) -> None:
     if rates:
         console.print()
         console.print(f"[bold]throughput[/] (jobs/s from {throughput['from']} lines, {throughput['bucket_s']:g}s per column, "
-                      f"peak {max(rates):,.1f}/s over {logview.elapsed_text(throughput['span_s'])})")
-        console.print(f"[cyan]{logview.sparkline(rates)}[/]", soft_wrap=True)
+                      f"peak {max(rates):,.1f}/s over {elapsed_text(throughput['span_s'])})")
+        console.print(f"[cyan]{sparkline(rates)}[/]", soft_wrap=True)
     if data["errors"]:
         table = _table(console, "count", "error", "first (UTC)", "last (UTC)", "example jobs")
         table.columns[0].justify, table.columns[1].justify = "right", "left"
@@ -307,16 +310,16 @@ def timeline_command(
     """Write the run as Chrome trace-event JSON: a track per worker process, a slice per job attempt (Perfetto, chrome://tracing)."""
     damage = Damage()
     with _reading(damage):
-        paths = logview.resolve_sources(sources or [], logs_dir)
-        lines = logview.read_lines(paths, damage)
+        paths = resolve_sources(sources or [], logs_dir)
+        lines = read_lines(paths, damage)
         if str(output) == "-":
             sys.stdout.flush()
-            count = logview.write_timeline(lines, sys.stdout.buffer, damage)
+            count = write_timeline(lines, sys.stdout.buffer, damage)
             sys.stdout.buffer.flush()
             return
         try:
             with output.open("wb") as out:
-                count = logview.write_timeline(lines, out, damage)
+                count = write_timeline(lines, out, damage)
         except OSError as exc:
             _fail(f"cannot write {output}: {exc.strerror}")
         sys.stderr.write(f"wrote {count:,} trace events to {output} (open it in ui.perfetto.dev or chrome://tracing)\n")

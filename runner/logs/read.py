@@ -1,9 +1,10 @@
-"""Reading run logs back: lazy, tolerant, merged by time, filtered; and finding the runs in a folder.
+"""Reading run logs back: lazy, tolerant, merged by time, filtered, checked against the contract.
 
 Every function here streams: a file is read line by line (never whole), several files are merged
 with heapq.merge, and a damaged line (torn, not JSON, missing a field) is counted in a `Damage`
-and skipped, so one bad byte never costs a person the rest of the log. The line contract is the
-coordinator's (runner/logs.py); timestamps are fixed-width ISO 8601 UTC strings, so they compare as text.
+and skipped, so one bad byte never costs a person the rest of the log. The line contract is
+runner/logs/contract.py; timestamps are fixed-width ISO 8601 UTC strings, so they compare as text.
+The runs in a folder (which file a run id names, how a run went) are runner/logs/runs.py.
 """
 
 from __future__ import annotations
@@ -12,26 +13,17 @@ import fnmatch
 import heapq
 import os
 import re
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-#: what a line must carry to be shown at all; event-specific fields are checked by the readers that need them
-REQUIRED = ("timestamp", "level", "event")
-LOG_SUFFIX = ".jsonl"
-SIDE_FILES = (".dead.jsonl", ".pending.jsonl")
-_STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
-
-
-class LogSourceError(Exception):
-    """A run id or file that names nothing readable; the CLI prints it as one line and exits 2."""
+from runner.durations import parse_span
+from runner.logs.contract import EVENTS, HOST, LEVELS, NEEDS, REQUIRED, RESERVED_PREFIXES
 
 
 class Damage:
@@ -183,16 +175,11 @@ def follow_file(path: Path, damage: Damage, wait: Callable[[float], None] = time
 
 
 # -- filters --------------------------------------------------------------------------------
-_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_when(text: str, now: float | None = None) -> str:
     """`--since`/`--until` as a contract timestamp: ISO 8601 (naive means UTC, like the logs) or `10m`, `2h`, `1h30m` ago."""
     spec = text.strip()
-    parts = _RELATIVE.findall(spec)
-    if parts and "".join(n + u for n, u in parts) == spec:
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    seconds = parse_span(spec)
+    if seconds is not None:
         moment = datetime.fromtimestamp((time.time() if now is None else now) - seconds, timezone.utc)
     else:
         try:
@@ -292,11 +279,22 @@ def take(lines: Iterable[LogLine], limit: int | None) -> Iterator[LogLine]:
         yield line
 
 
-# -- runs -----------------------------------------------------------------------------------
-_RUN_STAMP = re.compile(r"-(\d{8}T\d{6}Z)-[0-9a-f]+\Z")
-HOST = socket.gethostname()
+def checked(lines: Iterable[LogLine], damage: Damage) -> Iterator[LogLine]:
+    """Lines an analysis can use: runner events it knows, with the fields it needs; user events pass."""
+    for line in lines:
+        event = line.event
+        if event.startswith(RESERVED_PREFIXES) and event not in EVENTS:
+            damage.note(line.source, line.number, f"unknown event {event!r}")
+            continue
+        for key in NEEDS.get(event, ()):
+            if line.fields.get(key) is None:
+                damage.note(line.source, line.number, f"{event} without {key!r}")
+                break
+        else:
+            yield line
 
 
+# -- live runs ------------------------------------------------------------------------------
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -318,129 +316,3 @@ def coordinator_alive(started: dict[str, Any]) -> bool:
     """Is the coordinator of a run (its `run.started` line) still running here? False if it ran on another host."""
     pid = started.get("coordinator_pid") or started.get("pid")
     return started.get("host") == HOST and isinstance(pid, int) and pid_alive(pid)
-
-
-@dataclass
-class RunInfo:
-    """One run as `runner runs` lists it: read from the first line and the tail of the file only."""
-
-    run_id: str
-    path: Path
-    name: str | None = None
-    started: str | None = None
-    duration_s: float | None = None
-    status: str = "unknown"
-    done: int | None = None
-    failed: int | None = None
-    dead: int | None = None
-    host: str | None = None
-    pid: int | None = None
-
-
-def is_run_log(path: Path) -> bool:
-    return path.name.endswith(LOG_SUFFIX) and not path.name.endswith(SIDE_FILES)
-
-
-def _sort_key(path: Path) -> tuple[str, float]:
-    match = _RUN_STAMP.search(path.name.removesuffix(LOG_SUFFIX))
-    return (match.group(1) if match else "", path.stat().st_mtime)
-
-
-def find_runs(logs_dir: Path) -> list[Path]:
-    """The run logs in a folder, newest first (by the stamp in the run id, then by mtime)."""
-    if not logs_dir.is_dir():
-        return []
-    return sorted((p for p in logs_dir.iterdir() if p.is_file() and is_run_log(p)), key=_sort_key, reverse=True)
-
-
-def _first_line(path: Path) -> dict[str, Any] | None:
-    with path.open("rb") as handle:
-        raw = handle.readline(1 << 20)
-    line = parse_line(raw, str(path), 1, Damage())
-    return line.fields if line else None
-
-
-def tail_lines(path: Path, max_bytes: int = 1 << 20, chunk: int = 1 << 16) -> Iterator[dict[str, Any]]:
-    """Complete lines from the end of a file backwards, parsed; at most `max_bytes` are read."""
-    with path.open("rb") as handle:
-        end = handle.seek(0, os.SEEK_END)
-        position, carry, scanned = end, b"", 0
-        while position > 0 and scanned < max_bytes:
-            step = min(chunk, position)
-            position -= step
-            scanned += step
-            handle.seek(position)
-            block = handle.read(step) + carry
-            lines = block.split(b"\n")
-            carry = lines.pop(0) if position > 0 else b""
-            for raw in reversed(lines):
-                line = parse_line(raw, str(path), 0, Damage())
-                if line is not None:
-                    yield line.fields
-        if position == 0 and carry:
-            line = parse_line(carry, str(path), 1, Damage())
-            if line is not None:
-                yield line.fields
-
-
-def run_info(path: Path, now: float | None = None) -> RunInfo:
-    """A run's status and figures from `run.started` (first line) and `run.finished` or the last `progress` (tail)."""
-    info = RunInfo(run_id=path.name.removesuffix(LOG_SUFFIX), path=path)
-    started = _first_line(path)
-    if started is not None and started.get("event") == "run.started":
-        info.name, info.started = started.get("name"), started.get("timestamp")
-        info.host, info.pid = started.get("host"), started.get("coordinator_pid") or started.get("pid")
-    last: str | None = None
-    finished = progress = None
-    for fields in tail_lines(path):
-        last = last or fields.get("timestamp")
-        if fields.get("event") == "run.finished":
-            finished = fields
-            break
-        if fields.get("event") == "progress":
-            progress = fields
-            break
-    figures = finished or progress or {}
-    info.done, info.failed, info.dead = figures.get("done"), figures.get("failed"), figures.get("dead")
-    if finished is not None:
-        info.status = str(finished.get("status", "finished"))
-        info.duration_s = finished.get("duration_s")
-    elif started is not None and started.get("event") == "run.started":
-        info.status = "running" if coordinator_alive(started) else "crashed"
-    if info.duration_s is None and info.started:
-        end = (time.time() if now is None else now) if info.status == "running" else stamp_seconds(last) if last else None
-        info.duration_s = None if end is None else max(0.0, round(end - stamp_seconds(info.started), 3))
-    return info
-
-
-def resolve_sources(tokens: Sequence[str], logs_dir: Path) -> list[Path]:
-    """Run ids (or unique prefixes of one) in `logs_dir`, or paths; none given: the newest run there."""
-    if not tokens:
-        runs = find_runs(logs_dir)
-        if not runs:
-            raise LogSourceError(f"no runs in {logs_dir}/ (give a run id or a log file, or --logs DIR)")
-        return [runs[0]]
-    paths = []
-    for token in tokens:
-        path = Path(token)
-        if path.is_file():
-            paths.append(path)
-            continue
-        exact = logs_dir / f"{token}{LOG_SUFFIX}"
-        if exact.is_file():
-            paths.append(exact)
-            continue
-        matches = [p for p in find_runs(logs_dir) if p.name.startswith(token)]
-        if len(matches) == 1:
-            paths.append(matches[0])
-        elif matches:
-            raise LogSourceError(f"run id {token!r} is ambiguous in {logs_dir}/: {', '.join(p.name.removesuffix(LOG_SUFFIX) for p in matches[:5])}")
-        else:
-            raise LogSourceError(f"no run or file {token!r} (looked for {exact})")
-    return paths
-
-
-def elapsed_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return str(timedelta(seconds=round(seconds))) if seconds >= 60 else f"{seconds:.1f}s"

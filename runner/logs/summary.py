@@ -1,195 +1,21 @@
-"""Answers from a run's log: the life of one job, a summary per pool, worker and host, a timeline.
+"""A summary of a run's log: per pool, worker and host, job time percentiles, throughput and top errors.
 
-Each reads the lines once, in order, and keeps bounded state (sketches, capped tables, doubling
-buckets), so a log of any size fits in flat memory. Reading, merging and filtering live in
-runner/logread.py and are re-exported here: `runner.logview` is the one import the CLI needs.
+It reads the lines once, in order, and keeps bounded state (sketches, capped tables, doubling
+buckets), so a log of any size fits in flat memory.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
-import orjson
 from ddsketch import DDSketch
 
-from runner.logs import EVENTS, RESERVED_PREFIXES
-from runner.logread import (  # noqa: F401  (re-exported)
-    LEVELS,
-    Damage,
-    LineFilter,
-    LogLine,
-    LogSourceError,
-    RunInfo,
-    coordinator_alive,
-    elapsed_text,
-    find_runs,
-    follow_file,
-    parse_line,
-    parse_when,
-    read_file,
-    read_lines,
-    resolve_sources,
-    run_info,
-    stamp_seconds,
-    take,
-)
-
-#: events the runner itself writes (log contract); others in these namespaces are unknown
-KNOWN_EVENTS = EVENTS
-#: fields an analysis needs from an event; a line without them is skipped and counted as damaged
-NEEDS = {
-    "job.queued": ("job_id",), "job.done": ("job_id",), "job.failed": ("job_id",), "job.retried": ("job_id",),
-    "job.dead": ("job_id",), "worker.started": ("worker",), "worker.crashed": ("worker",), "progress": ("done",),
-    "run.finished": ("status",),
-}
+from runner.logs.read import Damage, LogLine, checked, stamp_seconds
+from runner.timing import nearest_rank
 
 
-def checked(lines: Iterable[LogLine], damage: Damage) -> Iterator[LogLine]:
-    """Lines an analysis can use: runner events it knows, with the fields it needs; user events pass."""
-    for line in lines:
-        event = line.event
-        if event.startswith(RESERVED_PREFIXES) and event not in KNOWN_EVENTS:
-            damage.note(line.source, line.number, f"unknown event {event!r}")
-            continue
-        for key in NEEDS.get(event, ()):
-            if line.fields.get(key) is None:
-                damage.note(line.source, line.number, f"{event} without {key!r}")
-                break
-        else:
-            yield line
-
-
-# -- trace ----------------------------------------------------------------------------------
-@dataclass
-class Attempt:
-    number: int | None
-    worker: str | None
-    host: str | None
-    pid: int | None
-    ended: str
-    outcome: str  #: done / failed / crashed
-    duration_ms: float | None = None
-    error: str | None = None
-
-
-@dataclass
-class Step:
-    """One moment in a job's life, ready to print: when, what, and the details."""
-
-    timestamp: str
-    what: str
-    detail: str
-    line: LogLine
-
-
-@dataclass
-class JobTrace:
-    job_id: int
-    pool: str | None = None
-    origin: str | None = None
-    queued: str | None = None
-    attempts: list[Attempt] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)
-    outcome: str = "unknown"  #: done / dead / unfinished (the run ended first) / unknown
-    dropped_steps: int = 0
-
-    @property
-    def found(self) -> bool:
-        return bool(self.steps)
-
-
-def _where(worker: Any, host: Any, pid: Any) -> str:
-    return f"{worker or '?'} on {host or '?'}" + (f" (pid {pid})" if pid else "")
-
-
-def trace(lines: Iterable[LogLine], job_id: int, max_steps: int = 10_000) -> JobTrace:
-    """The life of one job in order: produced by, each attempt (worker, host, duration, error), retries, the end.
-
-    A worker that dies running the job logs `worker.crashed` (with the child's pid) and the
-    coordinator then logs `job.failed` for it; the two become one crashed attempt.
-    """
-    result = JobTrace(job_id)
-    crash: LogLine | None = None
-    ended = False
-
-    def step(line: LogLine, what: str, detail: str) -> None:
-        if len(result.steps) < max_steps:
-            result.steps.append(Step(line.timestamp, what, detail, line))
-        else:
-            result.dropped_steps += 1
-
-    for line in lines:
-        fields, event = line.fields, line.event
-        if event == "run.finished":
-            ended = True
-            continue
-        if fields.get("job_id") != job_id:
-            continue
-        result.pool = result.pool or fields.get("pool")
-        result.origin = result.origin or fields.get("origin")
-        if event == "job.queued":
-            result.queued = result.queued or line.timestamp
-            step(line, "queued", f"produced by {fields.get('origin') or '?'} for pool {fields.get('pool')}")
-        elif event == "worker.crashed":
-            crash = line
-            step(line, "crashed", f"{_where(fields.get('worker'), fields.get('host'), fields.get('pid'))}: {fields.get('reason')}")
-        elif event in ("job.done", "job.failed"):
-            attempt = _attempt(line, crash)
-            crash = None if attempt.outcome == "crashed" else crash
-            result.attempts.append(attempt)
-            took = f" in {attempt.duration_ms:g} ms" if attempt.duration_ms is not None else ""
-            what = f"attempt {attempt.number}" if attempt.number is not None else "attempt"
-            detail = f"{_where(attempt.worker, attempt.host, attempt.pid)}{took}: {attempt.outcome}"
-            step(line, what, detail + (f": {attempt.error}" if attempt.error else ""))
-            if attempt.outcome == "done":
-                result.outcome = "done"
-        elif event == "job.retried":
-            delay = fields.get("delay_ms")
-            step(line, "retried", f"attempt {fields.get('attempt')} scheduled" + (f" in {delay} ms" if delay is not None else ""))
-        elif event == "job.dead":
-            result.outcome = "dead"
-            step(line, "dead", f"dead-lettered after {fields.get('attempts')} attempt(s): {fields.get('error')}")
-        else:
-            extra = " ".join(f"{k}={v}" for k, v in fields.items() if k not in _CONTEXT and v is not None)
-            step(line, event, f"{fields.get('worker') or '?'}: {extra}".rstrip(": "))
-    if result.outcome == "unknown" and ended and result.found:
-        result.outcome = "unfinished"
-    return result
-
-
-_CONTEXT = frozenset({"timestamp", "level", "event", "run_id", "host", "pid", "role", "pool", "worker", "job_id", "attempt", "traceback"})
-
-
-def _attempt(line: LogLine, crash: LogLine | None) -> Attempt:
-    fields = line.fields
-    if line.event == "job.done":
-        return Attempt(fields.get("attempt"), fields.get("worker"), fields.get("host"), fields.get("pid"), line.timestamp,
-                       "done", fields.get("duration_ms"))
-    if fields.get("cause") == "crash":  # written by the coordinator for the dead process, with its details
-        return Attempt(fields.get("attempt"), fields.get("worker"), fields.get("host"), fields.get("pid"), line.timestamp,
-                       "crashed", fields.get("duration_ms"), fields.get("error"))
-    by_coordinator = fields.get("role") == "coordinator" and fields.get("duration_ms") is None
-    if by_coordinator and crash is not None and crash.get("worker") == fields.get("worker"):
-        return Attempt(fields.get("attempt"), crash.get("worker"), crash.get("host"), crash.get("pid"), line.timestamp,
-                       "crashed", None, fields.get("error"))
-    pid = None if by_coordinator else fields.get("pid")
-    host = None if by_coordinator else fields.get("host")
-    return Attempt(fields.get("attempt"), fields.get("worker"), host, pid, line.timestamp, "failed",
-                   fields.get("duration_ms"), fields.get("error"))
-
-
-def job_prefilter(job_id: int) -> Any:
-    """Raw-bytes test for `trace`: lines naming the job, and the run's end (so an unfinished job shows as such)."""
-    import re
-
-    pattern = re.compile(rb'"job_id":\s*%d(?![0-9.])|"event":\s*"run\.finished"' % job_id)
-    return pattern.search
-
-
-# -- summary --------------------------------------------------------------------------------
 class Quantiles:
     """Job times: exact up to `cap` values, then a DDSketch (1% relative error, bounded memory)."""
 
@@ -217,8 +43,7 @@ class Quantiles:
         if not self.count:
             return None
         if self.values is not None:
-            ordered = sorted(self.values)
-            return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+            return nearest_rank(sorted(self.values), q)
         assert self.sketch is not None
         value = self.sketch.get_quantile_value(q)
         return None if value is None else round(value, 3)
@@ -476,91 +301,3 @@ class Summary:
 
 def summarize(lines: Iterable[LogLine], damage: Damage) -> dict[str, Any]:
     return Summary().add_all(checked(lines, damage)).result()
-
-
-# -- timeline -------------------------------------------------------------------------------
-def _us(stamp: str) -> int:
-    return round(stamp_seconds(stamp) * 1_000_000)
-
-
-class Timeline:
-    """Writes a Chrome trace-event JSON file while reading: one process per host, one track per OS process.
-
-    Each job attempt with a duration (job.done / job.failed from the worker) is a complete event
-    ("ph": "X") ending at its line's timestamp; crashes and run events are instants; `progress`
-    feeds counters. Opens in Perfetto (ui.perfetto.dev) and chrome://tracing.
-    """
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self.out = out
-        self.hosts: dict[str, int] = {}
-        self.tracks: dict[tuple[int, int], int] = {}  #: (host, pid) -> end of the last slice, µs
-        self.count = 0
-        self.runs: set[str] = set()
-        self.out.write(b'{"traceEvents":[\n')
-
-    def _emit(self, event: dict[str, Any]) -> None:
-        if self.count:
-            self.out.write(b",\n")
-        self.out.write(orjson.dumps(event))
-        self.count += 1
-
-    def _track(self, fields: dict[str, Any], pid: Any = None, name: str | None = None) -> tuple[int, int]:
-        host = str(fields.get("host"))
-        if host not in self.hosts:
-            self.hosts[host] = len(self.hosts) + 1
-            self._emit({"name": "process_name", "ph": "M", "pid": self.hosts[host], "args": {"name": f"host {host}"}})
-        tid = int(pid if pid is not None else fields.get("pid") or 0)
-        key = (self.hosts[host], tid)
-        if key not in self.tracks:
-            self.tracks[key] = 0
-            label = name or f"{fields.get('worker')} (pid {tid})"
-            self._emit({"name": "thread_name", "ph": "M", "pid": key[0], "tid": tid, "args": {"name": label}})
-        return key
-
-    def add(self, line: LogLine) -> None:
-        fields, event = line.fields, line.event
-        if fields.get("run_id"):
-            self.runs.add(str(fields["run_id"]))
-        if event == "worker.started":
-            restart = fields.get("restart") or 0
-            self._track(fields, name=f"{fields.get('worker')} (pid {fields.get('pid')}" + (f", restart {restart})" if restart else ")"))
-        elif event in ("job.done", "job.failed") and fields.get("role") != "coordinator" and isinstance(fields.get("duration_ms"), (int, float)):
-            key = self._track(fields)
-            end = _us(line.timestamp)
-            start = max(end - round(fields["duration_ms"] * 1000), self.tracks[key])
-            self.tracks[key] = max(self.tracks[key], end)
-            failed = event == "job.failed"
-            outcome = ("crashed" if fields.get("cause") == "crash" else "failed") if failed else "done"
-            args = {"job_id": fields.get("job_id"), "attempt": fields.get("attempt"), "pool": fields.get("pool"),
-                    "duration_ms": fields["duration_ms"], "outcome": outcome}
-            if failed:
-                args["error"] = fields.get("error")
-            self._emit({"name": f"job {fields.get('job_id')}" + (" failed" if failed else ""), "cat": str(fields.get("pool")),
-                        "ph": "X", "ts": start, "dur": max(0, end - start), "pid": key[0], "tid": key[1], "args": args,
-                        **({"cname": "terrible"} if failed else {})})
-        elif event == "worker.crashed":
-            key = self._track(fields)
-            self._emit({"name": "worker.crashed", "cat": str(fields.get("pool")), "ph": "i", "s": "t", "ts": _us(line.timestamp),
-                        "pid": key[0], "tid": key[1], "args": {k: fields.get(k) for k in ("worker", "reason", "job_id", "code", "signal")}})
-        elif event == "progress":
-            key = self._track(fields, name="coordinator")
-            self._emit({"name": "jobs", "ph": "C", "ts": _us(line.timestamp), "pid": key[0],
-                        "args": {k: fields.get(k) or 0 for k in ("done", "queued", "in_flight", "failed", "dead")}})
-        elif event.startswith("run.") or event in ("pool.failed", "producer.failed", "host.lost"):
-            key = self._track(fields, name="coordinator" if fields.get("role") == "coordinator" else None)
-            args = {k: v for k, v in fields.items() if k in ("status", "reason", "signal", "error", "name", "pool")}
-            self._emit({"name": event, "ph": "i", "s": "p", "ts": _us(line.timestamp), "pid": key[0], "tid": key[1], "args": args})
-
-    def close(self) -> int:
-        other = {"runs": sorted(self.runs), "generator": "runner logs timeline"}
-        self.out.write(b'\n],"displayTimeUnit":"ms","otherData":' + orjson.dumps(other) + b"}\n")
-        return self.count
-
-
-def write_timeline(lines: Iterable[LogLine], out: IO[bytes], damage: Damage) -> int:
-    """Stream `lines` into `out` as trace-event JSON; returns the number of events written."""
-    timeline = Timeline(out)
-    for line in checked(lines, damage):
-        timeline.add(line)
-    return timeline.close()

@@ -2,14 +2,13 @@
 
 A child's events travel to the coordinator as LOG frames on its own pipe, in order with its job
 reports, so the run's JSON-lines file never holds interleaved or torn lines. Field order and names
-are a contract (see README, "Log events"); runner.logview reads them back.
+are a contract (runner/logs/contract.py, README "Log events"); runner/logs/read.py reads them back.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -20,19 +19,7 @@ import structlog
 from rich.console import Console
 from rich.text import Text
 
-#: every event the runner itself writes (the log contract; README "Log events"); tools read this list
-EVENTS = frozenset({
-    "run.started", "run.stopping", "run.finished", "worker.started", "worker.exited", "worker.crashed", "pool.failed",
-    "producer.finished", "producer.failed", "job.queued", "batch.sent", "job.done", "job.failed", "job.retried", "job.dead",
-    "queue.full", "progress", "lock.broken", "protocol.error", "report.stale",
-    "host.joined", "host.lost", "host.left", "host.refused",
-})
-#: event namespaces that belong to the runner: a name in them that is not in EVENTS is unknown
-RESERVED_PREFIXES = ("run.", "worker.", "pool.", "producer.", "job.", "batch.", "queue.", "lock.", "host.", "protocol.", "report.")
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-#: the context every line carries, in the order it is written
-CONTEXT_KEYS = ("timestamp", "level", "event", "run_id", "host", "pid", "role", "pool", "worker")
-HOST = socket.gethostname()
+from runner.logs.contract import CONTEXT_KEYS, HOST, LEVELS
 
 
 def iso_now(now: float | None = None) -> str:
@@ -114,7 +101,6 @@ class RunLog:
         self._threshold = LEVELS[level]
         self._console = console
         self._tty = tty
-        self.counts: dict[str, int] = {}
 
     def write(self, line: dict[str, Any]) -> None:
         if LEVELS.get(str(line.get("level")), 20) < self._threshold:
@@ -122,7 +108,6 @@ class RunLog:
         text = dumps(line)
         self._file.write(text + "\n")
         event = str(line.get("event"))
-        self.counts[event] = self.counts.get(event, 0) + 1
         if LEVELS.get(str(line.get("level")), 20) >= LEVELS["warning"] or event == "progress":
             self._file.flush()  # warnings at once, the rest each progress tick: readers of a live run (and a killed one) see them
         if self._tty:
@@ -130,11 +115,6 @@ class RunLog:
                 self._console.print(human(line), highlight=False, soft_wrap=True)
         else:
             sys.stderr.write(text + "\n")
-
-    def flush(self) -> None:
-        self._file.flush()
-        if not self._tty:
-            sys.stderr.flush()
 
     def close(self) -> None:
         self._file.close()

@@ -1,0 +1,10 @@
+"""Run logs: the contract (contract.py), the writer (writer.py) and the readers (read, runs, trace, summary, timeline).
+
+`from runner import logs` gives the contract and the writer; the readers are imported by name
+(`from runner.logs.read import ...`), so writing a log never loads what reading one needs.
+"""
+
+from runner.logs.contract import EVENTS, HOST, LEVELS, RESERVED_PREFIXES
+from runner.logs.writer import RunLog, configure, dumps, human, iso_now
+
+__all__ = ["EVENTS", "HOST", "LEVELS", "RESERVED_PREFIXES", "RunLog", "configure", "dumps", "human", "iso_now"]

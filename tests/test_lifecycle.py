@@ -107,7 +107,7 @@ def test_sigterm_mid_run_writes_pending_and_exits_143(tmp_path: Path, gate: str)
     finally:
         run.process.kill()
     assert code == 143, run.stderr[-3000:]
-    assert took < grace + 3, f"took {took:.1f}s with a grace of {grace}s"
+    assert took < grace + 5, f"took {took:.1f}s with a grace of {grace}s"  # the documented bound: grace + 5 s
     pending = check_pending(run)
     done = {r["result"]["i"] for r in run.results()}
     if gate == "opened":  # the jobs in hand finished (a process may have begun its next before the stop reached it)

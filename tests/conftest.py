@@ -38,16 +38,26 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class Run:
-    """A finished or running `runner start` in its own folder."""
+    """A finished or running `runner start` in its own folder.
 
-    def __init__(self, folder: Path, process: subprocess.Popen[str]) -> None:
+    Its stdout and stderr go to files (stdout.txt, stderr.txt in the folder), never to pipes: a
+    coordinator writes every log line to stderr, and a pipe nobody reads blocks it after 64 KiB."""
+
+    def __init__(self, folder: Path, process: subprocess.Popen[str], out: Path | None = None, err: Path | None = None) -> None:
         self.folder = folder
         self.process = process
+        self._out = out
+        self._err = err
         self.stdout = ""
         self.stderr = ""
 
     def wait(self, timeout: float = 60) -> int:
-        self.stdout, self.stderr = self.process.communicate(timeout=timeout)
+        if self._out is None:
+            self.stdout, self.stderr = self.process.communicate(timeout=timeout)
+        else:
+            self.process.wait(timeout=timeout)
+            self.stdout = self._out.read_text(errors="replace")
+            self.stderr = self._err.read_text(errors="replace") if self._err else ""
         return self.process.returncode
 
     @property
@@ -86,12 +96,14 @@ def start_run(folder: Path, config: dict[str, Any] | Path, *args: str, tasks: st
         path.write_text(yaml.safe_dump(config))
     else:
         path = config
-    process = subprocess.Popen(
-        [sys.executable, "-m", "runner", "start", "--config", str(path), *args],
-        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **(env or {})},
-    )
-    return Run(folder, process)
+    out, err = folder / "stdout.txt", folder / "stderr.txt"
+    with out.open("w") as out_file, err.open("w") as err_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "runner", "start", "--config", str(path), *args],
+            cwd=folder, stdout=out_file, stderr=err_file, text=True,
+            env={**os.environ, **(env or {})},
+        )
+    return Run(folder, process, out, err)
 
 
 def run_config(folder: Path, config: dict[str, Any] | Path, *args: str, tasks: str | None = None, timeout: float = 60) -> Run:

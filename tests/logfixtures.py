@@ -321,8 +321,9 @@ def start_gated_run(folder: Path, jobs: int = 10) -> subprocess.Popen[str]:
         "start_method": "fork",
     }
     (folder / "gated.yaml").write_text(yaml.safe_dump(config))
-    return subprocess.Popen(start_command(folder, folder / "gated.yaml"), cwd=folder, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=run_env())
+    with (folder / "stdout.txt").open("w") as out, (folder / "stderr.txt").open("w") as err:  # files: a full pipe blocks
+        return subprocess.Popen(start_command(folder, folder / "gated.yaml"), cwd=folder, stdout=out, stderr=err, text=True,
+                                env=run_env())
 
 
 #: a tiny typer app with the log commands registered, for `python -c` subprocesses

@@ -20,6 +20,8 @@ import structlog
 from rich.console import Console
 from rich.text import Text
 
+from runner import console as consoles
+
 #: every event the runner itself writes (the log contract; README "Log events"); tools read this list
 EVENTS = frozenset({
     "run.started", "run.stopping", "run.finished", "worker.started", "worker.exited", "worker.crashed", "pool.failed",
@@ -114,27 +116,45 @@ class RunLog:
         self._threshold = LEVELS[level]
         self._console = console
         self._tty = tty
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  #: lines written per runner event (a task's own events count as one)
+        self.file_error: OSError | None = None  #: set when the file could not be written: it is skipped from then on
 
     def write(self, line: dict[str, Any]) -> None:
+        """One line to the file and the console. The first failure to write the file (a full disk) is raised,
+        so the run takes its fail-safe path; from then on the file is skipped and the console still gets lines."""
         if LEVELS.get(str(line.get("level")), 20) < self._threshold:
             return
         text = dumps(line)
-        self._file.write(text + "\n")
         event = str(line.get("event"))
-        self.counts[event] = self.counts.get(event, 0) + 1
-        if LEVELS.get(str(line.get("level")), 20) >= LEVELS["warning"] or event == "progress":
-            self._file.flush()  # warnings at once, the rest each progress tick: readers of a live run (and a killed one) see them
+        counted = event if event in EVENTS else "(task events)"  # a task's own event names are unbounded
+        self.counts[counted] = self.counts.get(counted, 0) + 1
+        failed: OSError | None = None
+        if self.file_error is None:
+            try:
+                self._file.write(text + "\n")
+                if LEVELS.get(str(line.get("level")), 20) >= LEVELS["warning"] or event == "progress":
+                    self._file.flush()  # warnings at once, the rest each progress tick: readers of a live run (and a killed one) see them
+            except OSError as exc:
+                self.file_error = failed = exc
         if self._tty:
             if event != "progress":
-                self._console.print(human(line), highlight=False, soft_wrap=True)
+                with consoles.guard(sys.stderr):
+                    self._console.print(human(line), highlight=False, soft_wrap=True)
         else:
-            sys.stderr.write(text + "\n")
+            with consoles.guard(sys.stderr):
+                sys.stderr.write(text + "\n")
+        if failed is not None:
+            raise failed
 
     def flush(self) -> None:
-        self._file.flush()
+        if self.file_error is None:
+            self._file.flush()
         if not self._tty:
-            sys.stderr.flush()
+            with consoles.guard(sys.stderr):
+                sys.stderr.flush()
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # its last lines could not be flushed (the error was raised when it happened)
+            pass

@@ -7,11 +7,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 from runner import logs
+from runner.errors import UsageError
+
+
+def _check(what: str, path: Path | str, action: Callable[[], object]) -> None:
+    try:
+        action()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        path = path or exc.filename
+        raise UsageError(f"cannot write the {what} {path}: {reason}. Nothing was started: make that folder writable "
+                         "for this user, or choose another place in the config") from exc
+
+
+def _append(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8"):
+        pass
+
+
+def writable(log_dir: Path, log_path: Path, results: str | None, control: Callable[[], str]) -> None:
+    """Every file the run will write can be opened, checked before anything starts (UsageError: exit 2).
+
+    The run log is opened in the log folder, where the dead and pending files go too."""
+    _check("log folder (logs.dir)", log_dir, lambda: log_dir.mkdir(parents=True, exist_ok=True))
+    _check("run log", log_path, lambda: _append(log_path))
+    if results:
+        _check("results file (results)", results, lambda: _append(Path(results)))
+    _check("control socket's folder", "", control)
 
 
 class RunFiles:

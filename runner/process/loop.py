@@ -55,6 +55,19 @@ POLL_S = 0.5
 FAST_JOB_S = 0.00005
 
 
+def loggable(value: Any, depth: int = 0) -> Any:
+    """`value` made of what msgpack and JSON both hold (str keys, 64-bit ints, nesting < 32); the rest as repr."""
+    if value is None or isinstance(value, (bool, float, str, bytes)):
+        return value
+    if isinstance(value, int):
+        return value if -(1 << 63) <= value < (1 << 64) else repr(value)
+    if depth < 32 and isinstance(value, (list, tuple)):
+        return [loggable(item, depth + 1) for item in value]
+    if depth < 32 and isinstance(value, dict):
+        return {key if isinstance(key, str) else repr(key): loggable(item, depth + 1) for key, item in value.items()}
+    return repr(value)
+
+
 def _die_with_parent() -> None:
     """No orphans: exit when the coordinator (or the worker agent) dies, even by SIGKILL."""
     try:
@@ -92,7 +105,12 @@ class ProcessLoop:
         self.out.send(protocol.pack(message))
 
     def _log_sink(self, line: dict[str, Any]) -> None:
-        self.send([LOG, line])
+        """A log call never fails the work: what msgpack cannot hold travels as its repr."""
+        try:
+            frame = protocol.pack([LOG, line])
+        except Exception:
+            frame = protocol.pack([LOG, loggable(line)])
+        self.out.send(frame)
 
     def setup(self) -> bool:
         """Name the process, install signals, configure logs, import the task; False if it cannot run."""

@@ -1,0 +1,179 @@
+"""Never hang, never crash (issue 10, the fail-safe side), each case through the CLI with real processes.
+
+A closed console, a bad progress_interval, more bad payloads than the queue holds, a doubled --pool,
+a result or payload over the frame limit, a log call with an unencodable value, files that cannot be
+written, and a crash of the coordinator's loop itself (a full disk), which must stop every process,
+write the pending file and exit 3.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import (
+    TASK_HELPERS,
+    assert_each_once,
+    basic_config,
+    free_port,
+    read_jsonl,
+    run_config,
+    runner_cli,
+    start_host_run,
+    start_worker,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+TASKS = TASK_HELPERS + '''
+
+def produce(ctx, n=20, gate=None, bad=0):
+    if gate:
+        wait_file(gate)
+    for i in range(bad):
+        yield {"i": -1 - i, "bad": {1, 2}}
+    for i in range(n):
+        yield {"i": i}
+
+
+def chatty(ctx, job):
+    ctx.log.info("chat", i=job["i"], text="x" * 200)
+    return result(ctx, job)
+
+
+def logs_object(ctx, job):
+    ctx.log.info("x", value=object(), nested={"s": {1, 2}, (1, 2): b"raw"}, big=1 << 70)
+    return result(ctx, job)
+
+
+def huge_result(ctx, job):
+    if job["i"] == 5:
+        return {"i": 5, "blob": b"x" * (80 * 1024 * 1024)}
+    return result(ctx, job)
+
+
+def produce_huge(ctx, n=10):
+    for i in range(n):
+        if i == 3:
+            yield {"i": i, "blob": b"y" * (70 * 1024 * 1024)}
+        else:
+            yield {"i": i}
+
+
+def ok(ctx, job):
+    return result(ctx, job)
+
+
+consume = ok
+
+
+def slow(ctx, job):
+    time.sleep(0.01)
+    return result(ctx, job)
+'''
+
+
+def write_run(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tasks.py").write_text(TASKS)
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def events(folder: Path, name: str) -> list[dict]:
+    logs = [p for p in (folder / "logs").glob("*.jsonl") if not p.name.endswith((".dead.jsonl", ".pending.jsonl"))]
+    assert len(logs) == 1, logs
+    return [line for line in read_jsonl(logs[0]) if line["event"] == name]
+
+
+# -- case 1: a closed console ---------------------------------------------------------------------
+def _console_config(n: int = 400) -> dict:
+    config = basic_config(consume_task := "tasks")
+    config["producers"][0]["params"] = {"n": n, "gate": "go"}
+    config["consumers"][0]["task"] = f"{consume_task}:chatty"
+    config["logs"]["jobs"] = "all"  # a line per job on the console: many writes after it closed
+    return config
+
+
+def test_console_closed_like_head(folder: Path) -> None:
+    """`runner start ... 2>&1 | head -3`: the pipe closes; the run finishes normally, exit 0, results whole."""
+    path = write_run(folder, _console_config())
+    process = subprocess.Popen([sys.executable, "-m", "runner", "start", "--config", str(path)], cwd=folder,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None
+    lines = [process.stdout.readline() for _ in range(3)]  # what `head -3` reads ...
+    process.stdout.close()  # ... before it exits
+    assert all(lines), lines
+    (folder / "go").write_text("")
+    code = process.wait(60)
+    assert code == 0
+    assert_each_once(read_jsonl(folder / "results.jsonl"), range(400))
+    finished = events(folder, "run.finished")
+    assert finished[-1]["status"] == "finished" and finished[-1]["done"] == 400
+
+
+def test_stdout_closed_like_less(folder: Path) -> None:
+    """`runner start ... | less` then `q`: stdout is gone (the summary has nowhere to go); stderr lives on."""
+    path = write_run(folder, _console_config(100))
+    with open(folder / "stderr.txt", "w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "runner", "start", "--config", str(path)], cwd=folder,
+                                   stdout=subprocess.PIPE, stderr=err)
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith(b"run: ")
+        process.stdout.close()
+        (folder / "go").write_text("")
+        code = process.wait(60)
+    assert code == 0, (folder / "stderr.txt").read_text()[-2000:]
+    assert "Traceback" not in (folder / "stderr.txt").read_text()
+    assert_each_once(read_jsonl(folder / "results.jsonl"), range(100))
+
+
+# -- case 2: progress_interval 0 ------------------------------------------------------------------
+def test_progress_interval_zero_is_refused(folder: Path) -> None:
+    config = basic_config()
+    config["logs"]["progress_interval"] = 0
+    path = write_run(folder, config)
+    for command in ("check", "start"):
+        done = runner_cli(command, "--config", str(path), cwd=folder)
+        assert done.returncode == 2, done.stderr
+        assert "logs.progress_interval: must be above 0" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- case 8: a log call that cannot be encoded ------------------------------------------------------
+def test_log_call_with_unencodable_values_never_fails_the_job(folder: Path) -> None:
+    config = basic_config()
+    config["consumers"][0]["task"] = "tasks:logs_object"
+    run = run_config(folder, config, tasks=TASKS)
+    assert run.process.returncode == 0, run.stderr
+    assert_each_once(run.results(), range(20))
+    lines = run.events("x")
+    assert len(lines) == 20
+    assert lines[0]["value"].startswith("<object object at") and lines[0]["big"] == repr(1 << 70)
+    assert lines[0]["nested"]["(1, 2)"] == {"$bytes": b"raw".hex()} and lines[0]["nested"]["s"] == "{1, 2}"
+
+
+# -- case 9: files that cannot be written ------------------------------------------------------------
+@pytest.mark.parametrize("key, value, named", [
+    ("logs", {"dir": "afile/logs"}, "cannot write the log folder (logs.dir) afile/logs: Not a directory"),
+    ("results", "/proc/no-such-place/results.jsonl", "cannot write the results file (results) /proc/no-such-place/results.jsonl"),
+    ("results", "afile/results.jsonl", "cannot write the results file (results) afile/results.jsonl: Not a directory"),
+])
+def test_unwritable_files_fail_before_anything_starts(folder: Path, key: str, value: object, named: str) -> None:
+    config = basic_config()
+    config[key] = value
+    path = write_run(folder, config)
+    (folder / "afile").write_text("a regular file where a folder is expected")
+    done = runner_cli("start", "--config", str(path), cwd=folder)
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr and "Traceback" not in done.stderr
+    assert "Nothing was started" in done.stderr

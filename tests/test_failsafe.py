@@ -177,3 +177,95 @@ def test_unwritable_files_fail_before_anything_starts(folder: Path, key: str, va
     assert done.returncode == 2, done.stderr
     assert named in done.stderr and "Traceback" not in done.stderr
     assert "Nothing was started" in done.stderr
+
+
+# -- case 3: more unencodable payloads than queue.maxsize -------------------------------------------
+def test_more_bad_payloads_than_the_queue_holds(folder: Path) -> None:
+    config = basic_config()
+    config["queue"] = {"maxsize": 10}
+    config["producers"][0]["params"] = {"n": 20, "bad": 40}
+    config["consumers"][0]["task"] = "tasks:ok"
+    run = run_config(folder, config, tasks=TASKS)
+    assert run.process.returncode == 1, run.stderr[-2000:]
+    assert_each_once(run.results(), range(20))
+    dead = run.dead()
+    assert len(dead) == 40 and all("not msgpack-encodable" in d["error"] for d in dead)
+    assert len([e for e in run.events("job.failed") if e.get("attempt") == 0]) == 40
+
+
+# -- case 7: a result or a payload over the frame limit -----------------------------------------------
+def _check_too_big_result(run_folder: Path, code: int, dead: list[dict], results: list[dict]) -> None:
+    assert code == 1
+    assert_each_once(results, [i for i in range(20) if i != 5])
+    assert [d["payload"]["i"] for d in dead] == [5]
+    assert dead[0]["error"].startswith("ValueError: result of 8388") and "over the 64 MiB frame limit" in dead[0]["error"]
+    finished = events(run_folder, "run.finished")[-1]
+    assert finished["done"] == 19 and finished["dead"] == 1
+
+
+def test_result_over_the_frame_limit_fails_that_job_only(folder: Path) -> None:
+    config = basic_config()
+    config["consumers"][0]["task"] = "tasks:huge_result"
+    run = run_config(folder, config, tasks=TASKS)
+    _check_too_big_result(folder, run.process.returncode, run.dead(), run.results())
+
+
+def test_payload_over_the_frame_limit_is_invalid(folder: Path) -> None:
+    config = basic_config()
+    config["producers"][0]["task"] = "tasks:produce_huge"
+    config["consumers"][0]["task"] = "tasks:ok"
+    run = run_config(folder, config, tasks=TASKS)
+    assert run.process.returncode == 1, run.stderr[-2000:]
+    assert_each_once(run.results(), [i for i in range(20) if i != 3])
+    dead = run.dead()
+    assert len(dead) == 1 and "payload of 7340" in dead[0]["error"] and "over the 64 MiB frame limit" in dead[0]["error"]
+
+
+def _remote(folder: Path, config: dict, *worker_args: str) -> tuple[int, Path]:
+    """`runner start --bind` on loopback with one `runner worker`; the producers wait for file `go`,
+    made once the host has joined."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    run = start_host_run(folder, config, "--bind", address, tasks=TASKS)
+    worker = start_worker(folder, address, "w1", "--path", str(folder), *worker_args)
+    try:
+        wait_for(lambda: [e for e in _log_lines(folder) if e["event"] == "host.joined"], 30, "the worker host to join")
+        (folder / "go").write_text("")
+        code = run.wait(60)
+        assert worker.wait(30) == 0, worker.stderr[-2000:]
+    finally:
+        worker.kill_group()
+        run.proc.kill_group()
+    return code, folder
+
+
+def _log_lines(folder: Path) -> list[dict]:
+    logs = [p for p in (folder / "logs").glob("*.jsonl") if not p.name.endswith((".dead.jsonl", ".pending.jsonl"))]
+    if not logs:
+        return []
+    text = logs[0].read_text()
+    import json
+
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+def test_result_over_the_frame_limit_over_zeromq(folder: Path) -> None:
+    config = basic_config()
+    config["producers"][0]["params"] = {"n": 20, "gate": "go"}
+    config["consumers"][0].update(task="tasks:huge_result", processes=0, min_processes=0)
+    code, _ = _remote(folder, config)
+    logs_dir = folder / "logs"
+    run_id = [p for p in logs_dir.glob("*.jsonl") if not p.name.endswith((".dead.jsonl", ".pending.jsonl"))][0].stem
+    _check_too_big_result(folder, code, read_jsonl(logs_dir / f"{run_id}.dead.jsonl"), read_jsonl(folder / "results.jsonl"))
+
+
+# -- case 6: --pool given twice ------------------------------------------------------------------------
+def test_worker_pool_given_twice_serves_it_once(folder: Path) -> None:
+    config = basic_config()
+    config["producers"][0]["params"] = {"n": 10, "gate": "go"}
+    config["consumers"][0]["task"] = "tasks:ok"
+    code, _ = _remote(folder, config, "--pool", "prod", "--pool", "prod")
+    assert code == 0
+    results = read_jsonl(folder / "results.jsonl")
+    assert sorted(r["result"]["i"] for r in results) == sorted(list(range(10)) * 2)  # the local producer and the host's one
+    joined = [e for e in _log_lines(folder) if e["event"] == "host.joined"]
+    assert joined[0]["pools"] == ["prod"]

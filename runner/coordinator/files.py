@@ -19,16 +19,18 @@ def _check(what: str, path: Path | str, action: Callable[[], object]) -> None:
     try:
         action()
     except OSError as exc:
-        reason = exc.strerror or str(exc)
+        reason = "a file is there, not a folder" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
         path = path or exc.filename
         raise UsageError(f"cannot write the {what} {path}: {reason}. Nothing was started: make that folder writable "
                          "for this user, or choose another place in the config") from exc
 
 
 def _append(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8"):
-        pass
+    try:
+        open(path, "a", encoding="utf-8").close()
+    except FileNotFoundError:  # its folder is made, as the run would
+        path.parent.mkdir(parents=True, exist_ok=True)
+        open(path, "a", encoding="utf-8").close()
 
 
 def writable(log_dir: Path, log_path: Path, results: str | None, control: Callable[[], str]) -> None:

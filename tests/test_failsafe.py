@@ -8,17 +8,14 @@ write the pending file and exit 3.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
-
 from conftest import (
     TASK_HELPERS,
     assert_each_once,
@@ -28,6 +25,7 @@ from conftest import (
     run_config,
     runner_cli,
     start_host_run,
+    start_run,
     start_worker,
     wait_for,
 )
@@ -79,6 +77,13 @@ consume = ok
 def slow(ctx, job):
     time.sleep(0.01)
     return result(ctx, job)
+
+
+def big_gated(ctx, job):
+    """Hold the job until file `go`, then return 40 KB: two of them overflow a 64 KiB disk."""
+    mark(f"running-{job['i']}")
+    wait_file("go")
+    return {"i": job["i"], "pad": "x" * 40000}
 '''
 
 
@@ -269,3 +274,120 @@ def test_worker_pool_given_twice_serves_it_once(folder: Path) -> None:
     assert sorted(r["result"]["i"] for r in results) == sorted(list(range(10)) * 2)  # the local producer and the host's one
     joined = [e for e in _log_lines(folder) if e["event"] == "host.joined"]
     assert joined[0]["pools"] == ["prod"]
+
+
+# -- the fail-safe coordinator: a crash of its own loop ------------------------------------------------
+def _run_processes(name: str) -> list[psutil.Process]:
+    """Processes of run `name` still alive (they are titled `runner: <worker> [<name>]`)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if f"[{name}]" in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _complete_lines(path: Path) -> list[dict]:
+    import json
+
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    return [json.loads(line) for line in lines if line.endswith("\n")]
+
+
+def test_full_disk_mid_run_crashes_cleanly(folder: Path) -> None:
+    """Results on a 64 KiB tmpfs: a write raises OSError mid-run. Expected: run.crashed with the traceback,
+    every process stopped, the unfinished jobs pending, run.finished `crashed`, exit 3, no process left."""
+    full = folder / "full"
+    full.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        config = basic_config()
+        config["name"] = "crashy"
+        config["producers"][0]["params"] = {"n": 2000}
+        config["consumers"][0]["task"] = "tasks:slow"
+        config["results"] = "full/results.jsonl"
+        config["shutdown"] = {"grace": "5s"}
+        run = run_config(folder, config, tasks=TASKS, timeout=60)
+        assert run.process.returncode == 3, run.stderr[-3000:]
+        crashed = run.events("run.crashed")
+        assert len(crashed) == 1 and "No space left on device" in crashed[0]["error"]
+        assert "Traceback" in crashed[0]["traceback"] and "write_results" in crashed[0]["traceback"]
+        finished = run.events("run.finished")[-1]
+        assert finished["status"] == "crashed" and finished["exit_code"] == 3 and finished["pending"] > 0
+        written = {r["result"]["i"] for r in _complete_lines(full / "results.jsonl")}
+        pending = [p["payload"]["i"] for p in run.pending()]
+        assert len(pending) == len(set(pending)) == finished["pending"]
+        assert 0 < finished["produced"] and written | set(pending) == set(range(finished["produced"])), "a job lost"
+        assert not run.events("producer.failed")  # the producer was stopped, it did not fail
+        assert finished["done"] <= len(written)
+        assert not _run_processes("crashy"), "a process of the crashed run is still alive"
+        assert "Traceback" not in run.stderr.split('"traceback"')[0]  # only inside the JSON log line, never raw
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True)
+
+
+def test_crash_during_a_stop_exits_3_not_143(folder: Path) -> None:
+    """SIGTERM first; then, as the consumers finish the jobs in hand, their results overflow the disk:
+    the crash wins over the signal (exit 3, status crashed), and the stop still ends with no process left."""
+    full = folder / "full"
+    full.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        config = basic_config()
+        config["name"] = "crashstop"
+        config["consumers"][0]["task"] = "tasks:big_gated"
+        config["results"] = "full/results.jsonl"
+        config["shutdown"] = {"grace": "10s"}
+        run = start_run(folder, config, tasks=TASKS)
+        wait_for(lambda: len(list(folder.glob("running-*"))) == 2, 30, "two jobs in hand")
+        run.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: [e for e in _log_lines(folder) if e["event"] == "run.stopping"], 30, "run.stopping")
+        (folder / "go").write_text("")
+        assert run.wait(30) == 3, run.stderr[-3000:]
+        finished = run.events("run.finished")[-1]
+        assert finished["status"] == "crashed" and finished["exit_code"] == 3
+        assert len(run.events("run.crashed")) == 1
+        written = {r["result"]["i"] for r in _complete_lines(full / "results.jsonl")}
+        pending = {p["payload"]["i"] for p in run.pending()}
+        assert written | pending == set(range(finished["produced"]))
+        assert not _run_processes("crashstop")
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True)
+
+
+WATCHDOG = """
+import multiprocessing, sys, time
+from runner.coordinator.failsafe import Watchdog
+
+def child():
+    time.sleep(600)
+
+if __name__ == "__main__":
+    proc = multiprocessing.get_context("fork").Process(target=child, daemon=False)  # joined at exit: a hang
+    proc.start()
+    print(proc.pid, flush=True)
+    Watchdog(lambda: [proc.pid], lambda m: print(m, file=sys.stderr)).arm(0.5, 3, "SIGTERM")
+    while True:  # a loop stuck for ever
+        time.sleep(0.1)
+"""
+
+
+def test_watchdog_ends_a_stuck_process_and_its_children(folder: Path) -> None:
+    """The last resort behind `shutdown.grace + 5 s`: a main thread stuck for ever, a non-daemon child
+    that interpreter exit would wait on; the watchdog SIGKILLs the child and leaves with exit 3."""
+    script = folder / "stuck.py"
+    folder.mkdir(parents=True, exist_ok=True)
+    script.write_text(WATCHDOG)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3
+    assert "did not stop within 0.5s of SIGTERM" in done.stderr
+    child = int(done.stdout.split()[0])
+    wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, 10, "the child gone")

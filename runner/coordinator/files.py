@@ -59,9 +59,11 @@ class RunFiles:
         return self._results is not None
 
     def write_results(self, pool: str, results: Iterable[tuple[int, Any]]) -> None:
-        """(job id, result) pairs of one report."""
+        """(job id, result) pairs of one report, handed to the OS before the jobs count as done: a write
+        that fails (a full disk) raises here, while the report's jobs are still unsettled (one write a report)."""
         if self._results is not None:
             self._results.write("".join(logs.dumps({"job_id": job_id, "pool": pool, "result": r}) + "\n" for job_id, r in results))
+            self._results.flush()
 
     def write_dead(self, line: dict[str, Any]) -> None:
         if self._dead is None:

@@ -37,11 +37,11 @@ from runner.wire.messages import (
     JOBS,
     LOCK,
     LOG,
+    MAX_FRAME,
     READY,
     REPORT,
     STOP,
 )
-from runner.wire.messages import MAX_FRAME
 from runner.wire.pipe import FrameReceiver, FrameWriter
 
 #: a long batch reports its progress at least this often, so a crash re-runs little

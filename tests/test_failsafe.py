@@ -79,6 +79,22 @@ def slow(ctx, job):
     return result(ctx, job)
 
 
+def fast_then_slow(ctx, job):
+    """Microsecond jobs (the consumer times them per batch), and every tenth of i 2300..2699 takes 0.1 s:
+    in the middle of a credit window, so in batches that started in per-batch timing."""
+    if 2300 <= job["i"] < 2700 and job["i"] % 10 == 5:
+        time.sleep(0.1)
+    return result(ctx, job)
+
+
+def hang_late(ctx, job):
+    """Microsecond jobs, then one that hangs (on its first attempt) inside a per-batch-timed batch."""
+    if job["i"] == 2600 and ctx.attempt == 1:
+        mark("hung", str(os.getpid()))
+        time.sleep(600)
+    return result(ctx, job)
+
+
 def big_gated(ctx, job):
     """Hold the job until file `go`, then return 40 KB: two of them overflow a 64 KiB disk."""
     mark(f"running-{job['i']}")
@@ -391,3 +407,32 @@ def test_watchdog_ends_a_stuck_process_and_its_children(folder: Path) -> None:
     assert "did not stop within 0.5s of SIGTERM" in done.stderr
     child = int(done.stdout.split()[0])
     wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, 10, "the child gone")
+
+
+# -- known wrong attributions: per-batch timing ------------------------------------------------------------
+def _fast_then_slow_config(task: str) -> dict:
+    config = basic_config()
+    config["queue"] = {"maxsize": 1000}
+    config["producers"][0]["params"] = {"n": 3030}
+    config["consumers"][0].update(task=task, processes=1, job_timeout="0.5s", retries=1, retry_backoff=0)
+    return config
+
+
+def test_job_timeout_counts_from_the_jobs_own_start_in_per_batch_timing(folder: Path) -> None:
+    """40 jobs of 0.1 s land in batches that started in per-batch timing (fast jobs before them):
+    no job runs 0.5 s, so none may time out, however long its batch takes."""
+    run = run_config(folder, _fast_then_slow_config("tasks:fast_then_slow"), tasks=TASKS)
+    assert run.process.returncode == 0, run.stderr[-2000:]
+    assert not run.events("job.failed") and not run.events("worker.crashed")
+    assert_each_once(run.results(), range(3030))
+
+
+def test_a_job_hanging_in_per_batch_timing_is_the_one_charged(folder: Path) -> None:
+    """The job that hangs is killed by job_timeout and charged (then retried), not a job that had finished."""
+    run = run_config(folder, _fast_then_slow_config("tasks:hang_late"), tasks=TASKS)
+    assert run.process.returncode == 0, run.stderr[-2000:]
+    failed = run.events("job.failed")
+    assert len(failed) == 1 and "exceeded job_timeout" in failed[0]["error"]
+    retried = [r for r in run.results() if r["result"]["attempt"] == 2]
+    assert [r["result"]["i"] for r in retried] == [2600] and retried[0]["job_id"] == failed[0]["job_id"]
+    assert_each_once(run.results(), range(3030))

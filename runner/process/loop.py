@@ -24,7 +24,7 @@ import msgpack
 
 from runner import logs
 from runner.process.context import Context, import_task
-from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_STARTED
+from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_STARTED, SLOT_TIMED
 from runner.timing import time_bucket
 from runner.wire import messages as protocol
 from runner.wire.messages import (
@@ -399,8 +399,14 @@ class ConsumerLoop(ProcessLoop):
         """Run the jobs of one batch in order; the hot path, so it avoids per-job allocations and calls.
 
         While jobs take microseconds (the last batch's mean under FAST_JOB_S) and no per-job lines are
-        asked for, jobs are timed per batch, not one by one: the slot then holds the batch's start
-        (job_timeout counts from it) and the histogram gets the batch's mean for each job."""
+        asked for, jobs are timed per batch, not one by one, and the histogram gets the batch's mean for
+        each job. The slot still names the job in hand, with two float stores a job and no clock read:
+        SLOT_INDEX is its index while it runs and -1 between jobs (so a death is charged to the job that
+        was running, never to the one that had just finished), and SLOT_STARTED the batch's start. The
+        parent turns that into the job's own start (LocalProcess.job_started_at: the first time it saw the
+        index), so job_timeout counts from the job, not the batch, even when a batch that started fast
+        turns slow: the mode only changes at the next batch, and reading the clock per job to notice
+        sooner would cost the fast path more than it saves."""
         _, batch_id, first_id, n, ids, attempts, blob, origin = message
         payloads = protocol.unpack_blob(blob, n)
         spec, ctx, task, slot, packer = self.spec, self.ctx, self.task, self.slot, self.packer
@@ -415,6 +421,8 @@ class ConsumerLoop(ProcessLoop):
         done = reported = 0
         batch_started = last_report = monotonic()
         slot[SLOT_BATCH] = batch_id
+        slot[SLOT_INDEX] = -1.0
+        slot[SLOT_TIMED] = 1.0 if timed else 0.0
         slot[SLOT_STARTED] = batch_started
         seconds = 0.0
         held = 0  #: packed bytes of the results (and emits) this report holds so far
@@ -452,10 +460,9 @@ class ConsumerLoop(ProcessLoop):
                 seconds = finished - started
                 bucket = time_bucket(seconds)
                 hist[bucket] = hist.get(bucket, 0) + 1
-            elif ok and index & 63 != 63:
-                finished = 0.0  # untimed: look at the clock every 64 jobs only
             else:
-                finished = monotonic()
+                slot[SLOT_INDEX] = -1.0  # between jobs: a death now is not the finished job's fault
+                finished = 0.0 if ok and index & 63 != 63 else monotonic()  # untimed: a clock read every 64 jobs only
             if ok:
                 if self.job_emits:
                     size += self.job_emit_bytes

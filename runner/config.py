@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runner.durations import parse_duration
 from runner.errors import ConfigError
@@ -66,7 +66,14 @@ class LogsConfig(_Model):
     dir: str = "logs"
     level: Literal["debug", "info", "warning", "error"] = "info"
     jobs: Literal["none", "failures", "all"] = "failures"
-    progress_interval: Duration = 1.0
+    progress_interval: Duration = 1.0  #: above 0: a progress line (and a results flush) every this long
+
+    @field_validator("progress_interval")
+    @classmethod
+    def _progress_above_zero(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be above 0, e.g. 1s or 500ms (for fewer progress lines, make it longer: 1m)")
+        return value
 
 
 class TransportConfig(_Model):

@@ -13,6 +13,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from runner.console import guard
+
 #: the live line is redrawn at most this often
 REFRESH_S = 0.25
 COUNTS = ("produced", "done", "failed", "dead", "queued", "in_flight")
@@ -31,7 +33,8 @@ class Display:
     def start(self, snapshot: dict[str, Any]) -> None:
         if self.tty:
             self._live = Live(self._render(snapshot), console=self.console, refresh_per_second=4, transient=True)
-            self._live.start()
+            with guard(self.console.file):
+                self._live.start()
 
     def due(self, now: float) -> bool:
         """True when a new snapshot would be shown (so the coordinator builds one only then)."""
@@ -41,7 +44,8 @@ class Display:
         self._last = time.monotonic()
         text = self._render(snapshot)
         if self._live is not None:
-            self._live.update(text)
+            with guard(self.console.file):
+                self._live.update(text)
 
     def _render(self, snapshot: dict[str, Any]) -> Text:
         counts = snapshot["counts"]
@@ -65,11 +69,16 @@ class Display:
 
     def stop(self) -> None:
         if self._live is not None:
-            self._live.stop()
-            self._live = None
+            live, self._live = self._live, None
+            with guard(self.console.file):
+                live.stop()
 
     def summary(self, end: dict[str, Any]) -> None:
-        """The end of a run: a table per pool, then where its files are."""
+        """The end of a run: a table per pool, then where its files are (nothing if stdout is gone)."""
+        with guard(self.out.file):
+            self._summary(end)
+
+    def _summary(self, end: dict[str, Any]) -> None:
         table = Table(title=f"run {end['run_id']}: {end['status']} (exit {end['exit_code']})", title_justify="left")
         for column in ("pool", "done", "failed", "retried", "dead", "p50 ms", "p95 ms", "jobs/s"):
             table.add_column(column, justify="left" if column == "pool" else "right")

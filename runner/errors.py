@@ -10,7 +10,8 @@ class ExitCode(IntEnum):
 
     OK = 0  #: every job done
     FAILED = 1  #: a job was dead-lettered, a producer or a pool failed
-    USAGE = 2  #: bad config, bad flags, task code not importable
+    USAGE = 2  #: bad config, bad flags, task code not importable, a file that cannot be written
+    CRASHED = 3  #: the runner itself failed (a bug, a full disk): processes stopped, unfinished jobs pending
     SIGINT = 130  #: stopped by SIGINT (128 + 2)
     SIGTERM = 143  #: stopped by SIGTERM (128 + 15)
 

@@ -9,9 +9,11 @@ elsewhere), and joins again with backoff until `--give-up` runs out.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
+import traceback
 from typing import Any
 
 import zmq
@@ -51,7 +53,14 @@ class Agent:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             return self._sessions()
+        except Exception as exc:  # the agent itself failed: its session killed its processes; say so and leave
+            self.say(f"error: this worker failed ({type(exc).__name__}: {exc}); its processes were stopped and "
+                     f"the coordinator runs their jobs again elsewhere. Traceback:\n{traceback.format_exc()}")
+            return ExitCode.CRASHED
         finally:
+            for child in multiprocessing.active_children():  # nothing may reach interpreter exit alive (it would join it)
+                child.kill()
+                child.join(2)
             self.context.term()
 
     def _on_signal(self, signum: int, frame: Any) -> None:

@@ -103,6 +103,9 @@ class Session:
         except SessionEnded as end:
             self._kill_all(end.outcome)
             raise
+        except BaseException:  # a failure of the agent itself: its processes never outlive it (the jobs are the coordinator's)
+            self._kill_all("crashed")
+            raise
 
     def _step(self) -> None:
         readable, ended, _ = self.procs.wait(0.1)
@@ -182,4 +185,8 @@ class Session:
             proc.process.join(5)
             if proc.process.exitcode is None:
                 self.procs.signal(proc, signal.SIGKILL)
-            self.procs.reap(proc)
+            try:
+                self.procs.reap(proc)
+            except Exception:  # keep reaping the others: none may reach interpreter exit alive
+                proc.process.kill()
+                proc.process.join(2)

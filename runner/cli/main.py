@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from runner import __version__
 from runner.config import Config, load_config
+from runner.console import QuietConsole, guard
 from runner.errors import ExitCode, RunnerError, UsageError
 from runner.process.context import import_task
 
@@ -33,7 +35,15 @@ SetOption = typer.Option(None, "--set", help="Override a config key: consumers.e
 
 
 def _stderr() -> Console:
-    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False)
+    return QuietConsole(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False)
+
+
+def _say(console: Console) -> Callable[[str], None]:
+    """A one-line console message that never raises: a closed console just goes quiet."""
+    def say(message: str) -> None:
+        with guard(console.file):
+            console.print(message, markup=False, soft_wrap=True)
+    return say
 
 
 def _fail(exc: BaseException) -> None:
@@ -95,14 +105,15 @@ def start(
         if address:
             wire.require_security(address, coordinator_keys, insecure, "--keys", lambda m: _stderr().print(m, markup=False))
         tty = sys.stderr.isatty()
-        display = Display(_stderr(), Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False), tty)
+        display = Display(_stderr(), QuietConsole(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False), tty)
         coordinator = Coordinator(cfg, display, address, coordinator_keys)
     except RunnerError as exc:
         _fail(exc)
         return
-    typer.echo(f"run: {coordinator.run_id}")
-    typer.echo(f"log: {coordinator.log_path}")
-    sys.stdout.flush()
+    with guard(sys.stdout):  # `| head -1` may close stdout at once: the run goes on regardless
+        typer.echo(f"run: {coordinator.run_id}")
+        typer.echo(f"log: {coordinator.log_path}")
+        sys.stdout.flush()
     code = coordinator.run()
     raise typer.Exit(int(code))
 
@@ -158,8 +169,8 @@ def worker(
     except RunnerError as exc:
         _fail(exc)
         return
-    agent = Agent(connect, pool or [], processes, name, worker_keys, give_up, serve, run,
-                  lambda m: console.print(m, markup=False, soft_wrap=True), path or [])
+    pools = list(dict.fromkeys(pool or []))  # `--pool src --pool src` serves src once
+    agent = Agent(connect, pools, processes, name, worker_keys, give_up, serve, run, _say(console), path or [])
     raise typer.Exit(int(agent.run()))
 
 

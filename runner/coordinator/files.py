@@ -7,11 +7,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 from runner import logs
+from runner.errors import UsageError
+
+
+def _check(what: str, path: Path | str, action: Callable[[], object]) -> None:
+    try:
+        action()
+    except OSError as exc:
+        reason = "a file is there, not a folder" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+        path = path or exc.filename
+        raise UsageError(f"cannot write the {what} {path}: {reason}. Nothing was started: make that folder writable "
+                         "for this user, or choose another place in the config") from exc
+
+
+def _append(path: Path) -> None:
+    try:
+        open(path, "a", encoding="utf-8").close()
+    except FileNotFoundError:  # its folder is made, as the run would
+        path.parent.mkdir(parents=True, exist_ok=True)
+        open(path, "a", encoding="utf-8").close()
+
+
+def writable(log_dir: Path, log_path: Path, results: str | None, control: Callable[[], str]) -> None:
+    """Every file the run will write can be opened, checked before anything starts (UsageError: exit 2).
+
+    The run log is opened in the log folder, where the dead and pending files go too."""
+    _check("log folder (logs.dir)", log_dir, lambda: log_dir.mkdir(parents=True, exist_ok=True))
+    _check("run log", log_path, lambda: _append(log_path))
+    if results:
+        _check("results file (results)", results, lambda: _append(Path(results)))
+    _check("control socket's folder", "", control)
 
 
 class RunFiles:
@@ -29,9 +59,11 @@ class RunFiles:
         return self._results is not None
 
     def write_results(self, pool: str, results: Iterable[tuple[int, Any]]) -> None:
-        """(job id, result) pairs of one report."""
+        """(job id, result) pairs of one report, handed to the OS before the jobs count as done: a write
+        that fails (a full disk) raises here, while the report's jobs are still unsettled (one write a report)."""
         if self._results is not None:
             self._results.write("".join(logs.dumps({"job_id": job_id, "pool": pool, "result": r}) + "\n" for job_id, r in results))
+            self._results.flush()
 
     def write_dead(self, line: dict[str, Any]) -> None:
         if self._dead is None:

@@ -63,6 +63,8 @@ class Flow:
 
     def producer_ended(self, key: str) -> None:
         self.credit.pop(key, None)
+        self.credit_owed.pop(key, None)
+        self.credit_share.pop(key, None)
 
     def on_batch(self, key: str, pool: str, n: int) -> None:
         """A producer sent n jobs: they use its credit; at none left, its queue is full."""

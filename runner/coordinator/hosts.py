@@ -201,7 +201,7 @@ class Hosts:
         unique, n = name, 2
         while unique in taken or unique == events.host:
             unique, n = f"{name}-{n}", n + 1
-        host = RemoteHost(identity, unique, pools or [c.name for c in known.consumers], processes, pid, time.monotonic())
+        host = RemoteHost(identity, unique, list(dict.fromkeys(pools)) or [c.name for c in known.consumers], processes, pid, time.monotonic())
         self.hosts[identity] = host
         specs = {pool: events.pool_spec(pool) for pool in host.pools}
         self._send(identity, wire.WELCOME, events.run_id, known.name, unique, specs,

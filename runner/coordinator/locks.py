@@ -31,14 +31,18 @@ class LockTable:
         if line:
             waiter, request = line.popleft()
             self.holders[name] = waiter
+            if not line:
+                del self.waiters[name]  # no empty line is kept: lock names may be many (one per key)
             return waiter, request
         return None
 
     def drop(self, who: str) -> tuple[list[str], list[tuple[str, str, int]]]:
         """`who` is gone: (locks it held, [(name, next holder, request)] handed on)."""
-        for line in self.waiters.values():
+        for name, line in list(self.waiters.items()):
             for item in [item for item in line if item[0] == who]:
                 line.remove(item)
+            if not line:
+                del self.waiters[name]
         held = [name for name, holder in self.holders.items() if holder == who]
         handed = []
         for name in held:

@@ -11,6 +11,12 @@ Shutdown order (signals only set flags; the loop acts):
      <run_id>.pending.jsonl. Exit 130 / 143.
   2nd signal: SIGKILL everything now; pending is still written.
 End of run: every producer ended and every job settled -> consumers get STOP(done) at once.
+
+Fail-safe: any unexpected exception in the loop (a bug, a full disk) is a crash, never a hang:
+`run.crashed` with the traceback; every process, local and remote, gets the graceful stop, bounded
+by `shutdown.grace`, then SIGKILL (remote ones not confirmed by then are dropped); every unsettled
+job goes to the pending file; `run.finished` says `crashed`; exit 3, even during a signal's stop.
+A Watchdog (failsafe.py) bounds a stop or a crash at grace + 5 s even if this loop is stuck.
 """
 
 from __future__ import annotations
@@ -18,27 +24,30 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import sys
 import time
+import traceback
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from runner import logs
+from runner import console, logs
+from runner.backoff import backoff
 from runner.config import Config
 from runner.coordinator import report
 from runner.coordinator.control import ControlSocket
-from runner.coordinator.files import RunFiles
+from runner.coordinator.failsafe import WATCHDOG_EXTRA_S, Watchdog, kill_children
+from runner.coordinator.files import RunFiles, writable
 from runner.coordinator.flow import Flow
 from runner.coordinator.hosts import Hosts, RemoteHost
 from runner.coordinator.ledger import Job, Ledger
 from runner.coordinator.locks import LockTable
 from runner.coordinator.members import Member
 from runner.coordinator.supervisor import Supervisor
-from runner.backoff import backoff
 from runner.display import Display
-from runner.errors import ExitCode, ProtocolError
+from runner.errors import ExitCode, ProtocolError, UsageError
 from runner.process.handle import Exit, warm_up
 from runner.timing import bucket_ms
 from runner.wire import messages
@@ -51,6 +60,15 @@ TICK_S = 0.1
 SUPERVISE_S = 0.02
 #: job retries wait retry_backoff, doubling, at most this long
 RETRY_CAP_S = 60.0
+#: after a crash's SIGKILL, how long remote processes have to confirm before they are dropped
+REMOTE_KILL_WAIT_S = 2.0
+
+
+def _say_stderr(message: str) -> None:
+    """A last message for the person at the console; a closed console is no error."""
+    with console.guard(sys.stderr):
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
 
 
 def make_run_id(name: str) -> str:
@@ -65,6 +83,7 @@ class Coordinator:
         log_dir = Path(run.logs.dir)
         self.log_path = log_dir / f"{self.run_id}.jsonl"
         self.display = display
+        writable(log_dir, self.log_path, run.results, lambda: self.control_address)  # exit 2 before anything starts
         self.runlog = logs.RunLog(self.log_path, run.logs.level, display.console, display.tty)
         self.log = logs.configure(run.logs.level, self.runlog.write, run_id=self.run_id, role="coordinator", pool=None, worker="coordinator")
         self.files = RunFiles(log_dir, self.run_id, run.results)
@@ -85,6 +104,8 @@ class Coordinator:
         self.signals: deque[int] = deque()
         self.stop_signal: int | None = None
         self.failure: str | None = None
+        self.crash: str | None = None  #: the error that crashed the loop (exit 3)
+        self.watchdog = Watchdog(self._child_pids, _say_stderr)
         self.deadline: float | None = None
         self.started = time.monotonic()
         self.next_progress = 0.0
@@ -103,28 +124,97 @@ class Coordinator:
         os.set_blocking(self._wake_r, False)
         signal.set_wakeup_fd(self._wake_w)
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda s, f: self.signals.append(s))
+            signal.signal(signum, self._on_signal)
         warm_up(run.start_method)
         pools = {p.name: {"role": "producer", "processes": p.processes, "task": p.task} for p in run.producers}
         pools.update({c.name: {"role": "consumer", "processes": c.processes, "task": c.task} for c in run.consumers})
         # Helper threads (ZeroMQ's, the live display's) start with SIGINT/SIGTERM blocked (as the CLI left
         # them), so the signals always reach this thread; then unblock: one that came meanwhile is handled now.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        self._open_sockets()
+        try:
+            self._open_sockets()
+        except (zmq.ZMQError, OSError) as exc:
+            self._safely(self._close_sockets)
+            self.runlog.close()
+            raise UsageError(f"cannot open the run's sockets (control socket {self.control_address}"
+                             f"{', bind ' + self.bind if self.bind else ''}): {exc}") from exc
         self.display.start(self.snapshot())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-        self.log.info("run.started", name=run.name, config=self.config.path, start_method=run.start_method, pools=pools,
-                      log_file=str(self.log_path), results=run.results, coordinator_pid=os.getpid(),
-                      bind=self.bind, control=self.control_address)
         try:
+            self.log.info("run.started", name=run.name, config=self.config.path, start_method=run.start_method, pools=pools,
+                          log_file=str(self.log_path), results=run.results, coordinator_pid=os.getpid(),
+                          bind=self.bind, control=self.control_address)
             self.supervisor.start_all()
             while self.state != "over":
                 self._step()
+        except BaseException as exc:  # the fail-safe: whatever it is, stop cleanly and say so
+            self._crashed(exc)
         finally:
-            self.display.stop()
+            self._safely(self.display.stop)
             signal.set_wakeup_fd(-1)
-            self._close_sockets()
-        return self._finish()
+            self._safely(self._close_sockets)
+        try:
+            return self._finish()
+        except BaseException as exc:  # the end itself failed: still exit 3, never a traceback
+            _say_stderr(f"error: the runner failed while ending run {self.run_id}: {type(exc).__name__}: {exc}")
+            return ExitCode.CRASHED
+        finally:
+            kill_children(self._child_pids())
+            self.watchdog.disarm()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Only queue it for the loop, and arm the watchdog: whatever the loop does, the process ends in time."""
+        self.signals.append(signum)
+        self.watchdog.arm(self.run_cfg.shutdown.grace + WATCHDOG_EXTRA_S, ExitCode.CRASHED, signal.Signals(signum).name)
+
+    def _child_pids(self) -> list[int]:
+        return [proc.pid for proc in list(self.supervisor.procs.procs.values()) if proc.pid]
+
+    def _safely(self, action: Any, *args: Any) -> Any:
+        """Run one step of a crash's cleanup; a failure in it is noted on stderr, never raised."""
+        try:
+            return action(*args)
+        except Exception as exc:
+            _say_stderr(f"warning: while stopping after a failure: {getattr(action, '__name__', action)}: {type(exc).__name__}: {exc}")
+            return None
+
+    # -- the fail-safe -----------------------------------------------------------------------
+    def _crashed(self, exc: BaseException) -> None:
+        """The loop failed: log it, stop every process within shutdown.grace, then SIGKILL what is left."""
+        grace = self.run_cfg.shutdown.grace
+        self.crash = f"{type(exc).__name__}: {exc}"
+        self.watchdog.arm(grace + WATCHDOG_EXTRA_S, ExitCode.CRASHED, "a crash")
+        trace = "".join(traceback.format_exception(exc))
+        self._safely(lambda: self.log.critical("run.crashed", error=self.crash, traceback=trace, grace_s=grace))
+        self.state = "stopping"
+        supervisor = self.supervisor
+        self._safely(supervisor.restarts.clear)
+        self._safely(supervisor.stop_all, "crashed")
+        self._safely(supervisor.signal_all, signal.SIGTERM)
+        self._wind_down(time.monotonic() + grace)
+
+    def _wind_down(self, deadline: float) -> None:
+        """Wait for the processes to end (reports are no longer read: what they held is pending), until
+        `deadline`; then SIGKILL, and give up on remote processes that have not confirmed."""
+        supervisor = self.supervisor
+        killed = False
+        while self._safely(supervisor.members):
+            now = time.monotonic()
+            if now > deadline:
+                if killed:
+                    break  # remote processes not confirmed: dropped; their jobs are unsettled, so pending
+                killed = True
+                deadline = now + REMOTE_KILL_WAIT_S
+                self._safely(supervisor.kill_all, f"killed: the runner crashed {self.run_cfg.shutdown.grace:g}s ago")
+            readable, ended, _ = self._safely(supervisor.procs.wait, TICK_S) or ([], [], set())
+            for handle in readable:
+                for _frame in handle.reader.read():
+                    pass  # keep its pipe flowing, so it never blocks on a full pipe instead of exiting
+            for handle in ended:
+                self._safely(supervisor.on_local_exit, handle)
+            if self.hosts is not None:
+                self._safely(self.hosts.drain)
+            self._safely(self._handle_signals, now)
 
     def _open_sockets(self) -> None:
         """The control socket (status, stop) and, with --bind, the socket worker hosts join."""
@@ -186,7 +276,10 @@ class Coordinator:
     def _handle_signals(self, now: float) -> None:
         while self.signals:
             signum = self.signals.popleft()
-            if self.state in ("running", "draining") and self.stop_signal is None:
+            if self.crash is not None:
+                self.stop_signal = self.stop_signal or signum
+                self.supervisor.kill_all("killed: a signal while the runner stopped after a crash")
+            elif self.state in ("running", "draining") and self.stop_signal is None:
                 self.stop_signal = signum
                 self._begin_stop(now, f"{signal.Signals(signum).name} received")
             else:
@@ -250,7 +343,9 @@ class Coordinator:
                 self.on_frame(member, frame)
 
     def on_frame(self, member: Member, frame: bytes) -> None:
-        """One frame from a process, local or relayed by its worker host."""
+        """One frame from a process, local or relayed by its worker host (after a crash: none is read)."""
+        if self.crash is not None:
+            return
         try:
             self._on_message(member, messages.unpack(frame))
         except ProtocolError as exc:
@@ -303,6 +398,8 @@ class Coordinator:
             return
         if not batch.done <= done <= batch.n or any(not batch.done <= f[0] < done for f in failures):
             raise ProtocolError(f"report for batch {batch_id} out of range (done {done} of {batch.n})")
+        if results:  # written before the ledger counts them: a write that fails (full disk) leaves them unsettled
+            self.files.write_results(batch.pool, ((batch.job_id(i), r) for i, r in results))
         newly = self.ledger.settle(batch, done)
         stats = self.ledger.stats[batch.pool]
         for index, error, trace, _ms in failures:
@@ -316,8 +413,6 @@ class Coordinator:
         worker["failed"] += len(failures)
         if ok:
             self.supervisor.crash_streak[batch.pool] = 0
-        if results:
-            self.files.write_results(batch.pool, ((batch.job_id(i), r) for i, r in results))
         for pool, n, blob in emits:
             if pool in self.consumers:
                 self.flow.emits_to[batch.pool].add(pool)
@@ -411,10 +506,17 @@ class Coordinator:
 
     def _finish(self) -> ExitCode:
         pending = self.ledger.unsettled()
-        self.files.write_pending([{"job_id": job.id, "pool": job.pool, "payload": job.payload, "attempts": job.attempt - 1}
-                                  for job in pending])
+        try:
+            self.files.write_pending([{"job_id": job.id, "pool": job.pool, "payload": job.payload, "attempts": job.attempt - 1}
+                                      for job in pending])
+        except OSError as exc:  # a full disk: say what is lost, and where it should have gone
+            self.crash = self.crash or f"cannot write the pending file {self.files.pending_path}: {exc.strerror or exc}"
+            _say_stderr(f"error: {len(pending)} unfinished job(s) could not be written to {self.files.pending_path}: "
+                        f"{exc.strerror or exc}; their ids are in the log's worker and job events")
         counts = report.counts(self.ledger)
-        if self.stop_signal is not None and self.failure is None:
+        if self.crash is not None:
+            status, code = "crashed", ExitCode.CRASHED
+        elif self.stop_signal is not None and self.failure is None:
             status, code = "stopped", ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
         elif self.failure or self.supervisor.producer_failed or counts["dead"]:
             status, code = "failed", ExitCode.FAILED
@@ -423,11 +525,11 @@ class Coordinator:
         pools = report.pool_summary(self.ledger, time.monotonic() - self.started)
         end = {"status": status, "exit_code": int(code), "duration_s": round(time.monotonic() - self.started, 3),
                **{k: counts[k] for k in ("produced", "done", "failed", "retried", "dead")}, "pending": len(pending),
-               "error": self.failure, "pending_file": str(self.files.pending_path) if pending else None,
+               "error": self.crash or self.failure, "pending_file": str(self.files.pending_path) if pending else None,
                "dead_file": str(self.files.dead_path) if counts["dead"] else None}
-        level = "error" if status == "failed" else "info"
-        getattr(self.log, level)("run.finished", **end, pools=pools, workers=self.supervisor.worker_stats)
-        self.files.close()
-        self.runlog.close()
+        level = "error" if status in ("failed", "crashed") else "info"
+        self._safely(lambda: getattr(self.log, level)("run.finished", **end, pools=pools, workers=self.supervisor.worker_stats))
+        self._safely(self.files.close)
+        self._safely(self.runlog.close)
         self.display.summary({**end, "run_id": self.run_id, "pools": pools, "log_file": str(self.log_path)})
         return code

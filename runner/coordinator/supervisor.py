@@ -298,7 +298,8 @@ class Supervisor:
         fields = {"pool": member.pool, "worker": member.name, "role": member.role, "host": member.host, "pid": member.pid}
         requeued = {"requeued": len(requeue), "requeued_ids": [job.id for job in requeue[:MAX_IDS_LOGGED]] or None}
         if member.role == "producer" and not member.ended:
-            status = "stopped" if killed_by_stop or stopped_starting else "failed"
+            # its END may not have been read (after a crash frames are not): exit 0 during a stop is a stop
+            status = "stopped" if killed_by_stop or stopped_starting or (stopping and ended.code == 0) else "failed"
             self.on_producer_end(member, status, 0, f"producer process {ended.reason}", member.fatal[1] if member.fatal else None)
         if (ended.code == 0 or stopped_starting) and charged is None and not member.fatal:
             reason = member.stop_reason or ("done" if member.role == "producer" else "stopped")

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from runner.logs.contract import CONTEXT_KEYS, HOST, LEVELS
+from runner import console as consoles
 
 
 def iso_now(now: float | None = None) -> str:
@@ -101,20 +102,35 @@ class RunLog:
         self._threshold = LEVELS[level]
         self._console = console
         self._tty = tty
+        self.file_error: OSError | None = None  #: set when the file could not be written: it is skipped from then on
 
     def write(self, line: dict[str, Any]) -> None:
+        """One line to the file and the console. The first failure to write the file (a full disk) is raised,
+        so the run takes its fail-safe path; from then on the file is skipped and the console still gets lines."""
         if LEVELS.get(str(line.get("level")), 20) < self._threshold:
             return
         text = dumps(line)
-        self._file.write(text + "\n")
         event = str(line.get("event"))
-        if LEVELS.get(str(line.get("level")), 20) >= LEVELS["warning"] or event == "progress":
-            self._file.flush()  # warnings at once, the rest each progress tick: readers of a live run (and a killed one) see them
+        failed: OSError | None = None
+        if self.file_error is None:
+            try:
+                self._file.write(text + "\n")
+                if LEVELS.get(str(line.get("level")), 20) >= LEVELS["warning"] or event == "progress":
+                    self._file.flush()  # warnings at once, the rest each progress tick: readers of a live run (and a killed one) see them
+            except OSError as exc:
+                self.file_error = failed = exc
         if self._tty:
             if event != "progress":
-                self._console.print(human(line), highlight=False, soft_wrap=True)
+                with consoles.guard(sys.stderr):
+                    self._console.print(human(line), highlight=False, soft_wrap=True)
         else:
-            sys.stderr.write(text + "\n")
+            with consoles.guard(sys.stderr):
+                sys.stderr.write(text + "\n")
+        if failed is not None:
+            raise failed
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # its last lines could not be flushed (the error was raised when it happened)
+            pass

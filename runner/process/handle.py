@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 import zmq
 
 from runner.process.loop import process_main
-from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_SIZE, SLOT_STARTED
+from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_SIZE, SLOT_STARTED, SLOT_TIMED
 from runner.wire.pipe import FrameReader, FrameSender
 
 #: the module a forkserver imports once, so processes forked from it start with their code loaded
@@ -47,21 +48,38 @@ class LocalProcess:
     slot: Any
     pid: int | None
     kill_reason: str | None = None  #: set when its parent signalled it with a reason (a kill)
+    _seen: tuple[float, float] = (0.0, -1.0)  #: the (batch, index) last seen in the slot (per-batch timing)
+    _seen_at: float = 0.0  #: when this parent first saw it there
 
     def running_job(self) -> tuple[int, int] | None:
-        """(batch id, index) of the job this process is running now, read from its shared slot."""
-        if self.slot[SLOT_STARTED] > 0:
+        """(batch id, index) of the job this process is running now, read from its shared slot. Between two
+        jobs (index -1, or no start) there is none: a death there is no job's fault."""
+        if self.slot[SLOT_STARTED] > 0 and self.slot[SLOT_INDEX] >= 0:
             return int(self.slot[SLOT_BATCH]), int(self.slot[SLOT_INDEX])
         return None
 
-    def job_started_at(self) -> float:
-        return float(self.slot[SLOT_STARTED])
+    def job_started_at(self, now: float | None = None) -> float:
+        """When the job in hand started (time.monotonic(); 0.0: none).
+
+        Timed one by one, the child wrote it. In per-batch timing (jobs of microseconds, see
+        ConsumerLoop.run_batch) the child reads no clock per job: its slot holds the batch's start and
+        the job's index. Then the job's start is the first time this parent saw that index, at most one
+        check late (SUPERVISE_S in the coordinator, CHECK_EVERY_S on a worker host) and never earlier
+        than the true start: job_timeout counts from the job's own start, and may fire that much late."""
+        slot = self.slot
+        started = float(slot[SLOT_STARTED])
+        if started <= 0 or slot[SLOT_TIMED]:
+            return started
+        key = (slot[SLOT_BATCH], slot[SLOT_INDEX])
+        if key != self._seen:
+            self._seen, self._seen_at = key, time.monotonic() if now is None else now
+        return max(started, self._seen_at)
 
     def overdue(self, now: float, limit: float | None) -> bool:
         """The job-timeout check: its job in hand has run past `limit` (and it is not being killed already)."""
         if not limit or self.kill_reason:
             return False
-        started = self.job_started_at()
+        started = self.job_started_at(now)
         return started > 0 and now - started > limit
 
 

@@ -24,7 +24,7 @@ import msgpack
 
 from runner import logs
 from runner.process.context import Context, import_task
-from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_STARTED
+from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_STARTED, SLOT_TIMED
 from runner.timing import time_bucket
 from runner.wire import messages as protocol
 from runner.wire.messages import (
@@ -37,6 +37,7 @@ from runner.wire.messages import (
     JOBS,
     LOCK,
     LOG,
+    MAX_FRAME,
     READY,
     REPORT,
     STOP,
@@ -53,6 +54,22 @@ SLOW_STEP_S = 0.0001
 POLL_S = 0.5
 #: jobs faster than this on average are timed per batch, not one by one
 FAST_JOB_S = 0.00005
+#: the most a frame's payloads, results or emits may hold: the frame limit less room for the envelope
+#: and the relay header a worker host adds; a single payload or result above it fails with a size error
+FRAME_BUDGET = MAX_FRAME - 64 * 1024
+
+
+def loggable(value: Any, depth: int = 0) -> Any:
+    """`value` made of what msgpack and JSON both hold (str keys, 64-bit ints, nesting < 32); the rest as repr."""
+    if value is None or isinstance(value, (bool, float, str, bytes)):
+        return value
+    if isinstance(value, int):
+        return value if -(1 << 63) <= value < (1 << 64) else repr(value)
+    if depth < 32 and isinstance(value, (list, tuple)):
+        return [loggable(item, depth + 1) for item in value]
+    if depth < 32 and isinstance(value, dict):
+        return {key if isinstance(key, str) else repr(key): loggable(item, depth + 1) for key, item in value.items()}
+    return repr(value)
 
 
 def _die_with_parent() -> None:
@@ -92,7 +109,16 @@ class ProcessLoop:
         self.out.send(protocol.pack(message))
 
     def _log_sink(self, line: dict[str, Any]) -> None:
-        self.send([LOG, line])
+        """A log call never fails the work: what msgpack cannot hold travels as its repr."""
+        try:
+            frame = protocol.pack([LOG, line])
+        except Exception:
+            frame = protocol.pack([LOG, loggable(line)])
+        if len(frame) > FRAME_BUDGET:  # the line's own fields are dropped, never the work
+            short = {key: line.get(key) for key in logs.CONTEXT_KEYS}
+            frame = protocol.pack([LOG, {**loggable(short), "error": f"log line of {len(frame)} bytes is over the "
+                                         f"{MAX_FRAME >> 20} MiB frame limit: its fields were dropped"}])
+        self.out.send(frame)
 
     def setup(self) -> bool:
         """Name the process, install signals, configure logs, import the task; False if it cannot run."""
@@ -163,6 +189,7 @@ class ProducerLoop(ProcessLoop):
         self.wake = threading.Event()
         self.done = threading.Event()
         self.packer = msgpack.Packer(use_bin_type=True)
+        self.refund = 0  #: credit of payloads that were refused (INVALID): they never reach the queue
 
     def flush(self) -> None:
         with self.flush_lock:
@@ -174,20 +201,54 @@ class ProducerLoop(ProcessLoop):
                 blob = self.packer.pack(items)
             except Exception:
                 self.packer.reset()
-                items = [item for item in items if self._encodable(item)]
-                if not items:
-                    return
-                blob = self.packer.pack(items)
-            self.send([BATCH, self.spec["target"], len(items), blob])
+                blob = None
+            if blob is not None and len(blob) <= FRAME_BUDGET:
+                self.send([BATCH, self.spec["target"], len(items), blob])
+            else:
+                self._send_checked(items)
 
-    def _encodable(self, item: Any) -> bool:
+    def _send_checked(self, items: list[Any]) -> None:
+        """The rare path: some payload cannot be encoded or the batch is over the frame limit. Each payload
+        is packed alone: a bad one is INVALID (its credit comes back), the rest go in batches under the limit."""
+        chunk: list[bytes] = []
+        size = 0
+        for item in items:
+            packed = self._encodable(item)
+            if packed is None:
+                continue
+            if chunk and size + len(packed) > FRAME_BUDGET:
+                self._send_packed(chunk)
+                chunk, size = [], 0
+            chunk.append(packed)
+            size += len(packed)
+        if chunk:
+            self._send_packed(chunk)
+
+    def _send_packed(self, packed: list[bytes]) -> None:
+        header = self.packer.pack_array_header(len(packed))
+        self.send([BATCH, self.spec["target"], len(packed), header + b"".join(packed)])
+
+    def _encodable(self, item: Any) -> bytes | None:
+        """The payload packed, or None after an INVALID for it (and its credit refunded)."""
         try:
-            self.packer.pack(item)
-            return True
+            packed = self.packer.pack(item)
+            if len(packed) > FRAME_BUDGET:
+                error = f"payload of {len(packed)} bytes is over the {MAX_FRAME >> 20} MiB frame limit"
+            else:
+                return packed
         except Exception as exc:
             self.packer.reset()
-            self.send([INVALID, f"payload is not msgpack-encodable: {type(exc).__name__}: {exc}", repr(item)[:1000]])
-            return False
+            error = f"payload is not msgpack-encodable: {type(exc).__name__}: {exc}"
+        self.send([INVALID, error, repr(item)[:1000]])
+        self.refund += 1  # under flush_lock; the main thread takes it back (take_refunds)
+        return None
+
+    def take_refunds(self) -> None:
+        """Credit of refused payloads back to the main thread's count (the flusher thread may refuse some)."""
+        if self.refund:
+            with self.flush_lock:
+                self.credit += self.refund
+                self.refund = 0
 
     def _take_credit(self) -> None:
         """Collect credit the coordinator granted meanwhile, without blocking (main thread only)."""
@@ -218,6 +279,7 @@ class ProducerLoop(ProcessLoop):
 
     def wait_for_credit(self) -> None:
         self.flush()
+        self.take_refunds()
         while self.credit <= 0 and not self.stopping:
             message = self.next_message(POLL_S)
             if message is None:
@@ -273,6 +335,7 @@ class ProducerLoop(ProcessLoop):
                 if exhausted:
                     break
                 self.flush()
+                self.take_refunds()
                 self._take_credit()
             if self.stopping:
                 status = "stopped"
@@ -294,6 +357,7 @@ class ConsumerLoop(ProcessLoop):
         self.in_job = False
         self.timed = True  #: time each job (see run_batch); off while jobs take microseconds
         self.packer = msgpack.Packer(use_bin_type=True)
+        self.job_emit_bytes = 0  #: packed size of the running job's emits (a REPORT stays under the frame limit)
 
     def emit(self, payload: Any, to: str | None) -> None:
         target = to or self.spec.get("emit_to")
@@ -304,10 +368,13 @@ class ConsumerLoop(ProcessLoop):
         if not self.in_job:
             raise RuntimeError("ctx.emit can only be called while a job runs")
         try:
-            self.packer.pack(payload)
+            size = len(self.packer.pack(payload))
         except Exception:
             self.packer.reset()
             raise
+        if size > FRAME_BUDGET:
+            raise ValueError(f"ctx.emit: payload of {size} bytes is over the {MAX_FRAME >> 20} MiB frame limit")
+        self.job_emit_bytes += size
         self.job_emits.append((target, payload))
 
     def run(self) -> None:
@@ -332,8 +399,14 @@ class ConsumerLoop(ProcessLoop):
         """Run the jobs of one batch in order; the hot path, so it avoids per-job allocations and calls.
 
         While jobs take microseconds (the last batch's mean under FAST_JOB_S) and no per-job lines are
-        asked for, jobs are timed per batch, not one by one: the slot then holds the batch's start
-        (job_timeout counts from it) and the histogram gets the batch's mean for each job."""
+        asked for, jobs are timed per batch, not one by one, and the histogram gets the batch's mean for
+        each job. The slot still names the job in hand, with two float stores a job and no clock read:
+        SLOT_INDEX is its index while it runs and -1 between jobs (so a death is charged to the job that
+        was running, never to the one that had just finished), and SLOT_STARTED the batch's start. The
+        parent turns that into the job's own start (LocalProcess.job_started_at: the first time it saw the
+        index), so job_timeout counts from the job, not the batch, even when a batch that started fast
+        turns slow: the mode only changes at the next batch, and reading the clock per job to notice
+        sooner would cost the fast path more than it saves."""
         _, batch_id, first_id, n, ids, attempts, blob, origin = message
         payloads = protocol.unpack_blob(blob, n)
         spec, ctx, task, slot, packer = self.spec, self.ctx, self.task, self.slot, self.packer
@@ -348,8 +421,11 @@ class ConsumerLoop(ProcessLoop):
         done = reported = 0
         batch_started = last_report = monotonic()
         slot[SLOT_BATCH] = batch_id
+        slot[SLOT_INDEX] = -1.0
+        slot[SLOT_TIMED] = 1.0 if timed else 0.0
         slot[SLOT_STARTED] = batch_started
         seconds = 0.0
+        held = 0  #: packed bytes of the results (and emits) this report holds so far
         self.in_job = True
         for index, payload in enumerate(payloads):
             if self.stopping:
@@ -363,11 +439,14 @@ class ConsumerLoop(ProcessLoop):
                 slot[SLOT_STARTED] = started
             try:
                 result = task(ctx, payload)
+                size = 0
                 if want_results and result is not None:
                     try:  # fail the job here, not the whole report, if it cannot travel
-                        packer.pack(result)
+                        size = len(packer.pack(result))
                     except Exception as exc:
                         raise TypeError(f"result is not msgpack-encodable: {type(exc).__name__}: {exc}") from None
+                    if size > FRAME_BUDGET:
+                        raise ValueError(f"result of {size} bytes is over the {MAX_FRAME >> 20} MiB frame limit")
                 ok = True
             except BaseException as exc:  # a job's failure, whatever it raised, is the job's
                 packer.reset()
@@ -381,21 +460,31 @@ class ConsumerLoop(ProcessLoop):
                 seconds = finished - started
                 bucket = time_bucket(seconds)
                 hist[bucket] = hist.get(bucket, 0) + 1
-            elif ok and index & 63 != 63:
-                finished = 0.0  # untimed: look at the clock every 64 jobs only
             else:
-                finished = monotonic()
+                slot[SLOT_INDEX] = -1.0  # between jobs: a death now is not the finished job's fault
+                finished = 0.0 if ok and index & 63 != 63 else monotonic()  # untimed: a clock read every 64 jobs only
             if ok:
+                if self.job_emits:
+                    size += self.job_emit_bytes
+                if held + size > FRAME_BUDGET and index > reported:
+                    # this job's result would push the report over the frame limit: report the jobs before it
+                    self._report(batch_id, index, results, failures, hist)
+                    results = [] if want_results else None
+                    failures, hist = [], {}
+                    reported, held = index, 0
+                held += size
                 if self.job_emits:
                     for target, emitted in self.job_emits:
                         self.emits.setdefault(target, []).append(emitted)
                     self.job_emits = []
+                    self.job_emit_bytes = 0
                 if results is not None:
                     results.append([index, result])
                 if log_jobs == "all":
                     ctx.log.info("job.done", duration_ms=round(seconds * 1000, 3))
             else:
                 self.job_emits = []
+                self.job_emit_bytes = 0
                 took = round(seconds * 1000, 3) if timed else None
                 failures.append([index, error, trace, took])
                 if log_jobs != "none":
@@ -406,7 +495,7 @@ class ConsumerLoop(ProcessLoop):
                 self._report(batch_id, done, results, failures, hist)
                 results = [] if want_results else None
                 failures, hist = [], {}
-                last_report, reported = finished, done
+                last_report, reported, held = finished, done, 0
         self.in_job = False
         ctx.job_id = ctx.attempt = ctx._job_log = None
         slot[SLOT_STARTED] = 0.0

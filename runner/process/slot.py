@@ -4,7 +4,8 @@ It tells the parent which job the process is running and since when, without a m
 that is how `job_timeout` is enforced and how a crash is charged to the right job.
 """
 
-#: index of the batch id, the job's index in it, and the job's start (time.monotonic(); 0: between jobs)
-SLOT_BATCH, SLOT_INDEX, SLOT_STARTED = 0, 1, 2
+#: index of the batch id, the job's index in it (-1: between jobs), the job's start (time.monotonic(); 0: between
+#: jobs; in per-batch timing the batch's start), and 1.0 if jobs are timed one by one (0.0: per batch)
+SLOT_BATCH, SLOT_INDEX, SLOT_STARTED, SLOT_TIMED = 0, 1, 2, 3
 #: doubles in the slot
 SLOT_SIZE = 4

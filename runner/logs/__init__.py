@@ -4,7 +4,7 @@
 (`from runner.logs.read import ...`), so writing a log never loads what reading one needs.
 """
 
-from runner.logs.contract import EVENTS, HOST, LEVELS, RESERVED_PREFIXES
+from runner.logs.contract import CONTEXT_KEYS, EVENTS, HOST, LEVELS, RESERVED_PREFIXES
 from runner.logs.writer import RunLog, configure, dumps, human, iso_now
 
-__all__ = ["EVENTS", "HOST", "LEVELS", "RESERVED_PREFIXES", "RunLog", "configure", "dumps", "human", "iso_now"]
+__all__ = ["CONTEXT_KEYS", "EVENTS", "HOST", "LEVELS", "RESERVED_PREFIXES", "RunLog", "configure", "dumps", "human", "iso_now"]

@@ -152,6 +152,7 @@ def follow_file(path: Path, damage: Damage, wait: Callable[[float], None] = time
     alive = alive or coordinator_alive
     source = str(path)
     started: dict[str, Any] | None = None
+    finished = False
     number = 0
     pending = b""
     with path.open("rb") as handle:
@@ -166,11 +167,13 @@ def follow_file(path: Path, damage: Damage, wait: Callable[[float], None] = time
                     if line is None:
                         continue
                     yield line
-                    if line.event == "run.started" and started is None:
-                        started = line.fields
+                    if line.event in ("run.started", "run.resumed"):  # the latest coordinator is the one to watch
+                        started, finished = line.fields, False
                     elif line.event == "run.finished":
-                        return
+                        finished = True  # the end, unless a resume wrote more after it
                 continue
+            if finished:
+                return
             if started is not None and not alive(started):
                 pending += handle.read()
                 for raw in pending.splitlines(keepends=True):
@@ -315,9 +318,33 @@ def pid_alive(pid: int) -> bool:
 
 
 def coordinator_alive(started: dict[str, Any]) -> bool:
-    """Is the coordinator of a run (its `run.started` line) still running here? False if it ran on another host."""
+    """Is the coordinator of a run (its `run.started` or `run.resumed` line) still running? The run's journal lock
+    answers when there is a journal (pids are reused); else its pid, here (False if it ran on another host)."""
+    journal = started.get("journal_path")
+    if journal is None and started.get("log_file"):
+        journal = str(started["log_file"]).removesuffix(LOG_SUFFIX) + ".journal"
+    if journal and os.path.exists(journal):
+        return journal_locked(Path(journal))
     pid = started.get("coordinator_pid") or started.get("pid")
     return started.get("host") == HOST and isinstance(pid, int) and pid_alive(pid)
+
+
+def journal_locked(path: Path) -> bool:
+    """Does a coordinator hold this journal's flock (the run is alive)?"""
+    import errno
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)
+    return False
 
 
 @dataclass
@@ -335,6 +362,7 @@ class RunInfo:
     dead: int | None = None
     host: str | None = None
     pid: int | None = None
+    hint: str | None = None  #: what to do next (a crashed or stopped run with a journal: `runner resume <id>`)
 
 
 def is_run_log(path: Path) -> bool:
@@ -391,22 +419,32 @@ def run_info(path: Path, now: float | None = None) -> RunInfo:
         info.name, info.started = started.get("name"), started.get("timestamp")
         info.host, info.pid = started.get("host"), started.get("coordinator_pid") or started.get("pid")
     last: str | None = None
-    finished = progress = None
-    for fields in tail_lines(path):
+    finished = progress = latest = None
+    for fields in tail_lines(path):  # backwards: the first of run.finished / run.resumed / run.started decides
         last = last or fields.get("timestamp")
-        if fields.get("event") == "run.finished":
+        event = fields.get("event")
+        if event == "progress" and progress is None:
+            progress = fields
+        elif event == "run.finished":
             finished = fields
             break
-        if fields.get("event") == "progress":
-            progress = fields
+        elif event in ("run.resumed", "run.started"):
+            latest = fields
             break
+    if latest is None and finished is None and started is not None and started.get("event") == "run.started":
+        latest = started
+    if latest is not None:
+        latest = {**latest, "log_file": str(path)}
     figures = finished or progress or {}
     info.done, info.failed, info.dead = figures.get("done"), figures.get("failed"), figures.get("dead")
     if finished is not None:
         info.status = str(finished.get("status", "finished"))
         info.duration_s = finished.get("duration_s")
-    elif started is not None and started.get("event") == "run.started":
-        info.status = "running" if coordinator_alive(started) else "crashed"
+    elif latest is not None:
+        info.status = "running" if coordinator_alive(latest) else "crashed"
+    journal = path.with_name(info.run_id + ".journal")
+    if info.status in ("crashed", "stopped") and journal.exists():
+        info.hint = f"runner resume {info.run_id}"
     if info.duration_s is None and info.started:
         end = (time.time() if now is None else now) if info.status == "running" else stamp_seconds(last) if last else None
         info.duration_s = None if end is None else max(0.0, round(end - stamp_seconds(info.started), 3))

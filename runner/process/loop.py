@@ -9,6 +9,7 @@ report, exit"; SIGINT is ignored (the terminal's Ctrl-C is the coordinator's to 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import multiprocessing
 import os
 import signal
@@ -174,18 +175,30 @@ class ProducerLoop(ProcessLoop):
                 blob = self.packer.pack(items)
             except Exception:
                 self.packer.reset()
-                items = [item for item in items if self._encodable(item)]
-                if not items:
-                    return
-                blob = self.packer.pack(items)
+                self._send_in_order(items)
+                return
             self.send([BATCH, self.spec["target"], len(items), blob])
 
-    def _encodable(self, item: Any) -> bool:
+    def _send_in_order(self, items: list[Any]) -> None:
+        """A buffer holding unencodable yields: the good runs and the INVALIDs go in yield order, so the
+        coordinator's count of this producer's output (a resume's replay position) is never ahead of it."""
+        good: list[Any] = []
+        for item in items:
+            if self._encodable(item, before=good):
+                good.append(item)
+            else:
+                good = []
+        if good:
+            self.send([BATCH, self.spec["target"], len(good), self.packer.pack(good)])
+
+    def _encodable(self, item: Any, before: list[Any]) -> bool:
         try:
             self.packer.pack(item)
             return True
         except Exception as exc:
             self.packer.reset()
+            if before:
+                self.send([BATCH, self.spec["target"], len(before), self.packer.pack(before)])
             self.send([INVALID, f"payload is not msgpack-encodable: {type(exc).__name__}: {exc}", repr(item)[:1000]])
             return False
 
@@ -236,6 +249,9 @@ class ProducerLoop(ProcessLoop):
         sample_every = countdown = 0  # time every step while steps are slow, then ever fewer
         try:
             items = iter(self.task(self.ctx, **spec.get("params", {})))
+            skip = spec.get("skip", 0)
+            if skip:  # a resumed run replays this producer: its first `skip` yields were journaled already
+                next(itertools.islice(items, skip, skip), None)
             while not self.stopping:
                 if self.credit <= 0:
                     self.wait_for_credit()

@@ -246,8 +246,10 @@ class Bench:
             driver.wait_quiet(self.args.wait_idle, say)
 
     # -- runner runs ------------------------------------------------------------------------------
-    def trivial_config(self, n: int, default_queue: bool = False) -> dict[str, Any]:
+    def trivial_config(self, n: int, default_queue: bool = False, journal: bool = True) -> dict[str, Any]:
         config: dict[str, Any] = {"name": "bench-trivial"}
+        if not journal:
+            config["journal"] = False
         if not default_queue:
             config["queue"] = {"maxsize": self.args.maxsize, "batch": self.args.batch}
         config.update({
@@ -276,7 +278,9 @@ class Bench:
         def runner_sample(config: dict[str, Any], jobs: int, zmq: bool = False) -> Callable[[], Sample]:
             def go() -> Sample:
                 r = self.runner(config, jobs, zmq)
+                journals = list((r.folder / "logs").glob("*.journal"))
                 extra = {"wall_rate": r.wall_rate, "remote_share": r.remote_done / r.done if r.done else 0.0,
+                         "journal_bytes_per_job": journals[0].stat().st_size / r.done if journals and r.done else None,
                          "duration_s": r.duration_s, "wall_s": r.wall_s, "cpu": r.cpu,
                          "cpu_us": sum(r.cpu.values()) / r.done * 1e6 if r.done else None}
                 return Sample(r.rate, r.noise, extra)
@@ -290,7 +294,8 @@ class Bench:
             return go
 
         systems: list[tuple[Series, Callable[[], Sample]]] = [
-            (Series("runner", "runner local", n), runner_sample(self.trivial_config(n), n)),
+            (Series("runner", "runner local (journal on, sync 20ms: the default)", n), runner_sample(self.trivial_config(n), n)),
+            (Series("runner_nojournal", "runner local, journal off", n), runner_sample(self.trivial_config(n, journal=False), n)),
             (Series("runner_zmq", "runner + 1 worker over ZeroMQ", n), runner_sample(self.trivial_config(n), n, zmq=True)),
             (Series("runner_default", "runner local, default queue (maxsize 100)", slow),
              runner_sample(self.trivial_config(slow, default_queue=True), slow)),
@@ -319,6 +324,10 @@ class Bench:
                 note = f"{sample.extra['remote_share']:.0%} of jobs ran on the worker"
             if series.key.startswith("runner") and sample and not series.error:
                 note = (note + "; " if note else "") + f"{fmt_rate(sample.extra['wall_rate'])}/s counting CLI start"
+                if sample.extra.get("journal_bytes_per_job"):
+                    note += f"; journal {sample.extra['journal_bytes_per_job']:.1f} bytes/job"
+            if series.key == "runner" and by_key["runner_nojournal"].median and med:
+                note += f"; {med / by_key['runner_nojournal'].median:.2f}× journal off"
             cpu_us = sample.extra.get("cpu_us") if sample else None
             rows.append([series.label, fmt_n(series.jobs), fmt_rate(med), series.spread(fmt_rate),
                          fmt_x(med / mpq) if med and mpq else "–", fmt_x(med / pool1) if med and pool1 else "–",

@@ -35,6 +35,7 @@ class ProducerConfig(_Model):
     processes: int = Field(1, ge=1)
     to: str | None = None  #: target consumer pool; optional when there is only one
     params: dict[str, Any] = Field(default_factory=dict)
+    resume: Literal["replay", "offset"] = "replay"  #: how a resumed run restarts it (README "Resuming a run")
 
 
 class ConsumerConfig(_Model):
@@ -76,6 +77,20 @@ class LogsConfig(_Model):
         return value
 
 
+def _journal_switch(value: Any) -> Any:
+    """`journal: false` turns the journal off (None); `journal: true` is the default journal."""
+    if value is False:
+        return None
+    if value is True:
+        return {}
+    return value
+
+
+class JournalConfig(_Model):
+    #: group-commit interval for fsync (a duration), `always` (every loop step), or `never` (written, never fsynced)
+    sync: Literal["always", "never"] | Duration = 0.02
+
+
 class TransportConfig(_Model):
     bind: str | None = None  #: e.g. tcp://0.0.0.0:5555 to accept remote workers
 
@@ -91,7 +106,8 @@ class RunConfig(_Model):
     producers: list[ProducerConfig] = Field(min_length=1)
     consumers: list[ConsumerConfig] = Field(min_length=1)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
-    results: str | None = None
+    results: str | None = None  #: may hold {run_id} and {name}
+    journal: Annotated[JournalConfig | None, BeforeValidator(_journal_switch)] = Field(default_factory=JournalConfig)
     logs: LogsConfig = Field(default_factory=LogsConfig)
     start_method: Literal["fork", "spawn", "forkserver"] = "forkserver"
     transport: TransportConfig = Field(default_factory=TransportConfig)
@@ -116,11 +132,20 @@ class RunConfig(_Model):
             if producer.to is not None and producer.to not in consumers:
                 hint = _did_you_mean(producer.to, consumers)
                 found.append((("producers", index, "to"), f"unknown consumer pool {producer.to!r}{hint}"))
+        if self.results:
+            try:
+                self.results.format(run_id="x", name="x")
+            except (KeyError, IndexError, ValueError) as exc:
+                found.append((("results",), f"results path {self.results!r}: only {{run_id}} and {{name}} may be used ({exc!r})"))
         for index, consumer in enumerate(self.consumers):
             if consumer.to is not None and consumer.to not in consumers:
                 hint = _did_you_mean(consumer.to, consumers)
                 found.append((("consumers", index, "to"), f"unknown consumer pool {consumer.to!r}{hint}"))
         return found
+
+    def results_path(self, run_id: str) -> str | None:
+        """`results:` with its {run_id} and {name} placeholders filled in."""
+        return self.results.format(run_id=run_id, name=self.name) if self.results else None
 
     def target_of(self, producer: ProducerConfig) -> str:
         return producer.to or self.consumers[0].name
@@ -168,6 +193,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         errors = [{"loc": loc, "type": "value_error", "msg": message, "input": None} for loc, message in problems]
         raise ConfigError(_schema_errors(path, root, data, errors))
     return Config(run=run, path=str(path), base_dir=str(path.resolve().parent))
+
+
+def config_from_data(data: dict[str, Any], overrides: list[str] | None, path: str, base_dir: str) -> Config:
+    """A config from data already parsed (a journal's header), with `--set` overrides; ConfigError as load_config."""
+    for override in overrides or []:
+        _apply_override(data, override)
+    try:
+        run = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_schema_errors(Path(path), None, data, exc.errors())) from exc
+    problems = run.problems()
+    if problems:
+        errors = [{"loc": loc, "type": "value_error", "msg": message, "input": None} for loc, message in problems]
+        raise ConfigError(_schema_errors(Path(path), None, data, errors))
+    return Config(run=run, path=path, base_dir=base_dir)
 
 
 def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:

@@ -141,6 +141,9 @@ def runs(logs_dir: Path = LogsDirOption, as_json: bool = JsonOption) -> None:
                       f"[{style.get(info.status, '')}]{info.status}[/]" if style.get(info.status) else info.status,
                       _count(info.done), _count(info.failed), _count(info.dead))
     console.print(table)
+    for info in infos:
+        if info.hint and info.status == "crashed":
+            console.print(f"{info.run_id}: its coordinator died; continue it with: {info.hint}", highlight=False)
 
 
 # -- runner logs [show] ---------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -32,6 +32,9 @@ _state = {"debug": False}
 
 ConfigOption = typer.Option(..., "--config", "-c", help="The run's YAML config.", exists=False, dir_okay=False)
 SetOption = typer.Option(None, "--set", help="Override a config key: consumers.eater.processes=8 (repeatable).")
+BindOption = typer.Option(None, "--bind", help="Also accept worker hosts here, e.g. tcp://0.0.0.0:5555 (or transport.bind).")
+StartKeysOption = typer.Option(None, "--keys", help="CURVE keys folder: coordinator.key_secret and authorized/*.key.")
+InsecureOption = typer.Option(False, "--insecure", help="Allow a non-loopback --bind without CURVE keys (warns).")
 
 
 def _stderr() -> Console:
@@ -80,9 +83,10 @@ def _import_tasks(config: Config) -> list[str]:
 def start(
     config: Path = ConfigOption,
     set_: Optional[list[str]] = SetOption,
-    bind: Optional[str] = typer.Option(None, "--bind", help="Also accept worker hosts here, e.g. tcp://0.0.0.0:5555 (or transport.bind)."),
-    keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys folder: coordinator.key_secret and authorized/*.key."),
-    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --bind without CURVE keys (warns)."),
+    bind: Optional[str] = BindOption,
+    keys: Optional[Path] = StartKeysOption,
+    insecure: bool = InsecureOption,
+    resume: bool = typer.Option(False, "--resume", help="Resume the newest unfinished run of this config's name, if there is one; else start."),
 ) -> None:
     """Run a config to the end: producers, consumers, retries, logs. Exit 0 all done, 1 failures, 2 usage, 130/143 stopped."""
     import signal
@@ -91,6 +95,21 @@ def start(
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         cfg = load_config(config, set_)
+        state = None
+        if resume:
+            from runner.cli.resume import resumable
+
+            state = resumable(cfg)
+    except RunnerError as exc:
+        _fail(exc)
+        return
+    _launch(cfg, bind, keys, insecure, state)
+
+
+def _launch(cfg: Config, bind: Optional[str], keys: Optional[Path], insecure: bool, resume: Any = None,
+            rerun: Optional[dict[int, int]] = None) -> None:
+    """Start a coordinator for `cfg` (a new run, or a journal's run to resume or retry) and exit with its code."""
+    try:
         from runner.coordinator.run import Coordinator
         from runner.display import Display
         from runner.wire import zeromq as wire
@@ -106,7 +125,7 @@ def start(
             wire.require_security(address, coordinator_keys, insecure, "--keys", lambda m: _stderr().print(m, markup=False))
         tty = sys.stderr.isatty()
         display = Display(_stderr(), QuietConsole(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False), tty)
-        coordinator = Coordinator(cfg, display, address, coordinator_keys)
+        coordinator = Coordinator(cfg, display, address, coordinator_keys, resume, rerun)
     except RunnerError as exc:
         _fail(exc)
         return
@@ -116,6 +135,59 @@ def start(
         sys.stdout.flush()
     code = coordinator.run()
     raise typer.Exit(int(code))
+
+
+@app.command()
+def resume(
+    run_id: Optional[str] = typer.Argument(None, help="The run to resume (see `runner runs`)."),
+    last: Optional[str] = typer.Option(None, "--last", help="Resume the newest unfinished run of this name."),
+    logs_dir: Path = typer.Option(Path("logs"), "--logs", help="Folder of run logs and journals."),
+    set_: Optional[list[str]] = SetOption,
+    bind: Optional[str] = BindOption,
+    keys: Optional[Path] = StartKeysOption,
+    insecure: bool = InsecureOption,
+) -> None:
+    """Continue a run whose coordinator died or was stopped, under the same run id. Exit codes as for start."""
+    import signal
+
+    from runner.cli import resume as journals
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        state, note = journals.to_resume(run_id, last, logs_dir, set_ or [])
+    except RunnerError as exc:
+        _fail(exc)
+        return
+    if state is None:
+        typer.echo(note)
+        raise typer.Exit(0)
+    _launch(journals.config_of(state, set_ or [], logs_dir), bind, keys, insecure, state)
+
+
+@app.command()
+def retry(
+    run_id: str = typer.Argument(..., help="The finished run whose dead-lettered jobs to re-run."),
+    job: Optional[list[int]] = typer.Option(None, "--job", help="Only this job id (repeatable)."),
+    error: Optional[str] = typer.Option(None, "--error", help="Only jobs whose error matches this regular expression."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs that would run, and run nothing."),
+    logs_dir: Path = typer.Option(Path("logs"), "--logs", help="Folder of run logs and journals."),
+) -> None:
+    """Re-run the dead jobs of a finished run (after a fix), under the same run id. Exit codes as for start."""
+    import signal
+
+    from runner.cli import resume as journals
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        state, chosen, listing = journals.to_retry(run_id, job or [], error, logs_dir)
+        if not chosen or dry_run:
+            typer.echo(listing)
+            raise typer.Exit(0)
+        cfg = journals.config_of(state, [], logs_dir)
+    except RunnerError as exc:
+        _fail(exc)
+        return
+    _launch(cfg, None, None, False, state, chosen)
 
 
 @app.command()

@@ -1,12 +1,14 @@
 """The run's output files, written only by the coordinator: results, dead letters, pending jobs.
 
-  results (`results:` in the config)   one line per done job: job_id, pool, result (appended)
+  results (`results:` in the config)   one line per done job: job_id, pool, result, run_id (appended)
   <run_id>.dead.jsonl                  one line per dead-lettered job: payload, error, traceback, attempts
   <run_id>.pending.jsonl               written at the end: every job not settled (a stopped run)
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -45,10 +47,17 @@ def writable(log_dir: Path, log_path: Path, results: str | None, control: Callab
 
 
 class RunFiles:
-    def __init__(self, log_dir: Path, run_id: str, results: str | None) -> None:
+    def __init__(self, log_dir: Path, run_id: str, results: str | None, truncate: tuple[int | None, int | None] | None = None) -> None:
+        """truncate: a resumed run's (results, dead) offsets from the journal: lines after them belong to
+        settlements the journal never recorded, and are cut (those jobs run again)."""
+        self.run_id = run_id
         self.dead_path = log_dir / f"{run_id}.dead.jsonl"
         self.pending_path = log_dir / f"{run_id}.pending.jsonl"
+        self.results_path = Path(results) if results else None
         self._results: IO[str] | None = None
+        if truncate is not None:
+            _truncate(self.results_path, truncate[0])
+            _truncate(self.dead_path, truncate[1])
         if results:
             Path(results).parent.mkdir(parents=True, exist_ok=True)
             self._results = open(results, "a", encoding="utf-8")
@@ -62,8 +71,44 @@ class RunFiles:
         """(job id, result) pairs of one report, handed to the OS before the jobs count as done: a write
         that fails (a full disk) raises here, while the report's jobs are still unsettled (one write a report)."""
         if self._results is not None:
-            self._results.write("".join(logs.dumps({"job_id": job_id, "pool": pool, "result": r}) + "\n" for job_id, r in results))
+            run_id = self.run_id
+            self._results.write("".join(logs.dumps({"job_id": job_id, "pool": pool, "result": r, "run_id": run_id}) + "\n"
+                                        for job_id, r in results))
             self._results.flush()
+
+    def offsets(self) -> tuple[int | None, int | None, list[int]]:
+        """Flush both files; (results size, dead size, their fds) for a journal commit."""
+        results = dead = None
+        fds = []
+        if self._results is not None:
+            self._results.flush()
+            fd = self._results.fileno()
+            results = os.fstat(fd).st_size
+            fds.append(fd)
+        if self._dead is not None:
+            fd = self._dead.fileno()
+            dead = os.fstat(fd).st_size
+            fds.append(fd)
+        elif self.dead_path.exists():
+            dead = self.dead_path.stat().st_size
+        return results, dead, fds
+
+    def rewrite_dead(self, keep: Callable[[dict[str, Any]], bool]) -> int:
+        """`runner retry`: the dead file with only the lines `keep` accepts (atomically); its new size."""
+        lines = []
+        if self.dead_path.exists():
+            lines = [line for line in self.dead_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                     if line.strip() and keep(json.loads(line))]
+        if self._dead is not None:
+            self._dead.close()
+            self._dead = None
+        temp = self.dead_path.with_name(self.dead_path.name + ".tmp")
+        with open(temp, "w", encoding="utf-8") as out:
+            out.writelines(lines)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, self.dead_path)
+        return self.dead_path.stat().st_size
 
     def write_dead(self, line: dict[str, Any]) -> None:
         if self._dead is None:
@@ -85,3 +130,12 @@ class RunFiles:
         for handle in (self._results, self._dead):
             if handle is not None:
                 handle.close()
+
+
+def _truncate(path: Path | None, size: int | None) -> None:
+    """Cut a file back to `size` bytes (None: the journal has no offset for it: leave it)."""
+    if path is None or size is None or not path.exists():
+        return
+    with open(path, "r+b") as handle:
+        if handle.seek(0, os.SEEK_END) > size:
+            handle.truncate(size)

@@ -89,6 +89,16 @@ class Ledger:
         self._enqueue(batch)
         return batch
 
+    def resume_ids(self, last_id: int) -> None:
+        """A resumed run: the journal knew jobs up to `last_id`; new ones continue after it."""
+        self._next_job = last_id + 1
+        self.produced = last_id
+
+    def restore(self, pool: str, ids: list[int], attempts: list[int], blob: bytes, origin: str) -> None:
+        """Unsettled jobs read back from the journal, queued again (in id order, behind nothing)."""
+        fresh = all(a == 1 for a in attempts)
+        self._enqueue(Batch(self._batch_id(), pool, len(ids), ids[0], blob, origin, ids=ids, attempts=None if fresh else attempts))
+
     def new_job_id(self) -> int:
         """An id for a job that never reaches a queue (an unencodable payload goes straight to dead)."""
         self._next_job += 1

@@ -39,12 +39,14 @@ from runner.config import Config
 from runner.coordinator import report
 from runner.coordinator.control import ControlSocket
 from runner.coordinator.failsafe import WATCHDOG_EXTRA_S, Watchdog, kill_children
+from runner.coordinator.durable import RunJournal, open_journal, restore
 from runner.coordinator.files import RunFiles, writable
 from runner.coordinator.flow import Flow
 from runner.coordinator.hosts import Hosts, RemoteHost
 from runner.coordinator.ledger import Job, Ledger
 from runner.coordinator.locks import LockTable
 from runner.coordinator.members import Member
+from runner.coordinator.resume import JournalState
 from runner.coordinator.supervisor import Supervisor
 from runner.display import Display
 from runner.errors import ExitCode, ProtocolError, UsageError
@@ -76,17 +78,24 @@ def make_run_id(name: str) -> str:
 
 
 class Coordinator:
-    def __init__(self, config: Config, display: Display, bind: str | None = None, keys: wire.CoordinatorKeys | None = None) -> None:
+    def __init__(self, config: Config, display: Display, bind: str | None = None, keys: wire.CoordinatorKeys | None = None,
+                 resume: JournalState | None = None, rerun: dict[int, int] | None = None) -> None:
+        """resume: a journal read back (`runner resume`); rerun: with it, dead job id -> attempts made (`runner retry`)."""
         self.config = config
         run = self.run_cfg = config.run
-        self.run_id = make_run_id(run.name)
+        self.resume = resume
+        self.rerun = rerun
+        self.run_id = resume.run_id if resume is not None else make_run_id(run.name)
         log_dir = Path(run.logs.dir)
         self.log_path = log_dir / f"{self.run_id}.jsonl"
         self.display = display
-        writable(log_dir, self.log_path, run.results, lambda: self.control_address)  # exit 2 before anything starts
+        writable(log_dir, self.log_path, run.results_path(self.run_id), lambda: self.control_address)  # exit 2 before anything starts
+        journal = open_journal(config, self.run_id, resume)  # first: its lock says no other coordinator has this run
+        self.files = RunFiles(log_dir, self.run_id, run.results_path(self.run_id),
+                              truncate=(resume.results_offset, resume.dead_offset or 0) if resume is not None else None)
+        self.durable = RunJournal(journal, self.files)
         self.runlog = logs.RunLog(self.log_path, run.logs.level, display.console, display.tty)
         self.log = logs.configure(run.logs.level, self.runlog.write, run_id=self.run_id, role="coordinator", pool=None, worker="coordinator")
-        self.files = RunFiles(log_dir, self.run_id, run.results)
         self.host = logs.HOST
         self.bind = bind or run.transport.bind
         self.keys = keys
@@ -112,6 +121,8 @@ class Coordinator:
         self._next_supervise = 0.0
         self._last_done = 0
         self._wake_r, self._wake_w = os.pipe()
+        self.attempt_base: dict[int, int] = {}  #: `runner retry`: attempts a rerun job made before
+        self._dead_before = 0  #: `runner retry`: jobs dead before it (the exit code judges the rerun only)
 
     @property
     def control_address(self) -> str:
@@ -140,10 +151,15 @@ class Coordinator:
                              f"{', bind ' + self.bind if self.bind else ''}): {exc}") from exc
         self.display.start(self.snapshot())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        started = {"name": run.name, "config": self.config.path, "start_method": run.start_method, "pools": pools,
+                   "log_file": str(self.log_path), "results": self.files.results_path and str(self.files.results_path),
+                   "coordinator_pid": os.getpid(), "bind": self.bind, "control": self.control_address}
         try:
-            self.log.info("run.started", name=run.name, config=self.config.path, start_method=run.start_method, pools=pools,
-                          log_file=str(self.log_path), results=run.results, coordinator_pid=os.getpid(),
-                          bind=self.bind, control=self.control_address)
+            if self.resume is not None:
+                self._restore(self.resume, started)
+            else:
+                self.log.info("run.started", **started, journal=str(self.durable.journal.path) if self.durable.journal else None)
+            self.durable.start(os.getpid())
             self.supervisor.start_all()
             while self.state != "over":
                 self._step()
@@ -216,6 +232,22 @@ class Coordinator:
                 self._safely(self.hosts.drain)
             self._safely(self._handle_signals, now)
 
+    def _restore(self, state: JournalState, started: dict[str, Any]) -> None:
+        """A resumed run (or a retry): the journal's unsettled jobs queued again, the producers that had not
+        ended told where to start, the counts so far restored; then `run.resumed`."""
+        summary = restore(state, self.ledger, self.supervisor, self.run_cfg, self.rerun)
+        self.attempt_base = dict(state.rerun_base)
+        if self.rerun is not None:
+            rerun = self.rerun
+            self._dead_before = sum(s.dead for s in self.ledger.stats.values())
+            self.files.rewrite_dead(lambda line: line.get("job_id") not in rerun)  # under the run's lock (the journal's)
+            self.durable.rerun(sorted(rerun.items()))
+        self.files.pending_path.unlink(missing_ok=True)  # stale: the journal is the truth now
+        self.log.info("run.resumed", **started, **summary)
+        if self.rerun is not None:
+            for job_id, previous in sorted(self.rerun.items()):
+                self.log.info("job.rerun", pool=state.dead.get(job_id, ("?", 0))[0], job_id=job_id, previous_attempts=previous)
+
     def _open_sockets(self) -> None:
         """The control socket (status, stop) and, with --bind, the socket worker hosts join."""
         poller = self.supervisor.procs.poller
@@ -268,10 +300,11 @@ class Coordinator:
 
     def _timeout(self) -> float:
         timeout = TICK_S
+        now = time.monotonic()
         retry = self.ledger.next_retry_at()
         if retry is not None:
-            timeout = min(timeout, max(0.0, retry - time.monotonic()))
-        return timeout
+            timeout = min(timeout, max(0.0, retry - now))
+        return self.durable.timeout(now, timeout)
 
     def _handle_signals(self, now: float) -> None:
         while self.signals:
@@ -334,6 +367,7 @@ class Coordinator:
             self._log_progress(now)
         if self.display.due(now):
             self.display.update(self.snapshot())
+        self.durable.tick(now)
 
     # -- frames ------------------------------------------------------------------------------
     def _read(self, member: Member) -> None:
@@ -375,6 +409,7 @@ class Coordinator:
         elif kind == INVALID:
             pool = self.run_cfg.target_of(self.run_cfg.pool(member.pool))  # type: ignore[arg-type]
             job = Job(self.ledger.new_job_id(), pool, 0, message[2], member.key)
+            self.durable.invalid(pool, job.id, member.key)
             self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message[1], origin=member.key)
             self._dead_letter(job, message[1], None, attempts=0)
         elif kind == FATAL:
@@ -385,6 +420,7 @@ class Coordinator:
             self.log.error("protocol.error", peer=member.name, error=f"batch for unknown pool {pool!r}")
             return
         batch = self.ledger.add(pool, n, blob, member.key, credit_to=member.key)
+        self.durable.jobs(batch, member.key)
         self.flow.on_batch(member.key, pool, n)
         if self.run_cfg.logs.jobs == "all":
             for i in range(n):
@@ -401,6 +437,7 @@ class Coordinator:
         if results:  # written before the ledger counts them: a write that fails (full disk) leaves them unsettled
             self.files.write_results(batch.pool, ((batch.job_id(i), r) for i, r in results))
         newly = self.ledger.settle(batch, done)
+        self.durable.done(batch, newly, {f[0] for f in failures} if failures else set())
         stats = self.ledger.stats[batch.pool]
         for index, error, trace, _ms in failures:
             job = Job(batch.job_id(index), batch.pool, batch.attempt(index), batch.payload(index), batch.origin)
@@ -417,6 +454,7 @@ class Coordinator:
             if pool in self.consumers:
                 self.flow.emits_to[batch.pool].add(pool)
                 emitted = self.ledger.add(pool, n, blob, member.key)
+                self.durable.jobs(emitted, None)
                 if self.run_cfg.logs.jobs == "all":
                     for i in range(n):
                         self.log.info("job.queued", pool=pool, job_id=emitted.first_id + i, origin=member.key)
@@ -446,9 +484,10 @@ class Coordinator:
         if not logged and not quiet:
             self.log.warning("job.failed", pool=job.pool, worker=member.name if member else None, host=member.host if member else None,
                              job_id=job.id, attempt=job.attempt, error=error, origin=job.origin, **(extra or {}))
-        if job.attempt <= cfg.retries:
-            delay = backoff(cfg.retry_backoff, job.attempt, RETRY_CAP_S)
+        if job.attempt - self.attempt_base.get(job.id, 0) <= cfg.retries:
+            delay = backoff(cfg.retry_backoff, job.attempt - self.attempt_base.get(job.id, 0), RETRY_CAP_S)
             job.attempt += 1
+            self.durable.attempt(job.id, job.attempt)
             stats.retried += 1
             self.ledger.schedule_retry(job, time.monotonic() + delay)
             if not quiet:
@@ -458,6 +497,7 @@ class Coordinator:
 
     def _dead_letter(self, job: Job, error: str, trace: str | None, attempts: int) -> None:
         self.ledger.stats[job.pool].dead += 1
+        self.durable.dead(job.pool, job.id, attempts)
         self.files.write_dead({"job_id": job.id, "pool": job.pool, "payload": job.payload, "error": error,
                                "traceback": trace, "attempts": attempts, "origin": job.origin})
         self.log.error("job.dead", pool=job.pool, job_id=job.id, attempts=attempts, error=error, origin=job.origin)
@@ -477,6 +517,12 @@ class Coordinator:
 
     def on_exit(self, member: Member, ended: Exit, host_gone: bool = False) -> None:
         self.supervisor.on_exit(member, ended, host_gone)
+
+    def producer_position(self, key: str, position: int) -> None:
+        self.durable.positions[key] = position
+
+    def producer_ended(self, key: str, status: str) -> None:
+        self.durable.producer_ended(key, status)
 
     def on_host_joined(self, host: RemoteHost) -> None:
         self.supervisor.on_host_joined(host)
@@ -518,7 +564,7 @@ class Coordinator:
             status, code = "crashed", ExitCode.CRASHED
         elif self.stop_signal is not None and self.failure is None:
             status, code = "stopped", ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
-        elif self.failure or self.supervisor.producer_failed or counts["dead"]:
+        elif self.failure or self.supervisor.producer_failed or counts["dead"] > self._dead_before:
             status, code = "failed", ExitCode.FAILED
         else:
             status, code = "finished", ExitCode.OK
@@ -528,6 +574,7 @@ class Coordinator:
                "error": self.crash or self.failure, "pending_file": str(self.files.pending_path) if pending else None,
                "dead_file": str(self.files.dead_path) if counts["dead"] else None}
         level = "error" if status in ("failed", "crashed") else "info"
+        self._safely(self.durable.finish, status)  # before run.finished: a reader that sees the line finds the run's lock released
         self._safely(lambda: getattr(self.log, level)("run.finished", **end, pools=pools, workers=self.supervisor.worker_stats))
         self._safely(self.files.close)
         self._safely(self.runlog.close)

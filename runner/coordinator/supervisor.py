@@ -41,6 +41,10 @@ class RunHooks(Protocol):
     def job_failed(self, job: Job, error: str, trace: str | None, member: Member | None, logged: bool,
                    extra: dict[str, Any] | None = None) -> None: ...
 
+    def producer_position(self, key: str, position: int) -> None: ...
+
+    def producer_ended(self, key: str, status: str) -> None: ...
+
 
 class Supervisor:
     def __init__(self, config: Config, run_id: str, host: str, log: Any, ledger: Ledger, flow: Flow, locks: LockTable,
@@ -62,6 +66,9 @@ class Supervisor:
         self.crash_streak = {pool: 0 for pool in self.consumers}
         self.worker_stats: dict[str, dict[str, Any]] = {}
         self.producer_failed = False
+        #: a resumed run: producer key -> yields journaled, and the producers that had ended (never started again)
+        self.resume_positions: dict[str, int] = {}
+        self.resume_ended: set[str] = set()
 
     # -- what each process runs ------------------------------------------------------------
     def pool_spec(self, pool: str) -> dict[str, Any]:
@@ -89,9 +96,18 @@ class Supervisor:
     def start(self, pool: str, role: str, index: int, restart: int, host: str) -> Member | None:
         spec = self.pool_spec(pool)
         name = f"{pool}-{index}"
-        if role == "producer":
-            spec["credit"] = self.flow.producer_share(pool)
         remote = self.hosts.by_name(host) if host != self.host and self.hosts is not None else None
+        if role == "producer":
+            key = name if remote is None else f"{host}/{name}"
+            if key in self.resume_ended or "*" in self.resume_ended:
+                return None  # a resumed run: this producer had finished its stream
+            spec["credit"] = self.flow.producer_share(pool)
+            position = self.resume_positions.get(key, 0)
+            if self.run_cfg.pool(pool).resume == "offset":  # type: ignore[union-attr]
+                spec["resume_offset"] = position
+            else:
+                spec["skip"] = position
+            self.run.producer_position(key, position)
         member: Member
         if remote is not None:
             assert self.hosts is not None
@@ -247,6 +263,7 @@ class Supervisor:
             return
         member.ended = True
         self.flow.producer_ended(member.key)
+        self.run.producer_ended(member.key, status)
         if status == "failed":
             self.producer_failed = True
             self.log.error("producer.failed", pool=member.pool, worker=member.name, error=error, traceback=trace, jobs=jobs)

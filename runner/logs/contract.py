@@ -13,8 +13,10 @@ EVENTS = frozenset({
     "producer.finished", "producer.failed", "job.queued", "batch.sent", "job.done", "job.failed", "job.retried", "job.dead",
     "queue.full", "progress", "lock.broken", "protocol.error", "report.stale",
     "host.joined", "host.lost", "host.left", "host.refused",
-    # issue 10: the runner itself failed
+    # the runner itself failed (issue 10)
     "run.crashed",
+    # crash-safe runs (issue 11): a coordinator resumed the run from its journal; `runner retry` re-runs a dead job
+    "run.resumed", "job.rerun",
 })
 #: event namespaces that belong to the runner: a name in them that is not in EVENTS is unknown
 RESERVED_PREFIXES = ("run.", "worker.", "pool.", "producer.", "job.", "batch.", "queue.", "lock.", "host.", "protocol.", "report.")
@@ -29,5 +31,8 @@ NEEDS = {
     "job.dead": ("job_id",), "worker.started": ("worker",), "worker.crashed": ("worker",), "progress": ("done",),
     "run.finished": ("status",),
 }
+#: a run's log is <run_id>.jsonl; these side files beside it are not run logs
+LOG_SUFFIX = ".jsonl"
+SIDE_FILES = (".dead.jsonl", ".pending.jsonl")
 #: this machine: the `host` of lines written here
 HOST = socket.gethostname()

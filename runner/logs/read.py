@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from runner.durations import parse_span
-from runner.logs.contract import EVENTS, HOST, LEVELS, NEEDS, REQUIRED, RESERVED_PREFIXES
+from runner.logs.contract import EVENTS, HOST, LEVELS, LOG_SUFFIX, NEEDS, REQUIRED, RESERVED_PREFIXES
 
 
 class Damage:
@@ -144,6 +144,7 @@ def follow_file(path: Path, damage: Damage, wait: Callable[[float], None] = time
     alive = alive or coordinator_alive
     source = str(path)
     started: dict[str, Any] | None = None
+    finished = False
     number = 0
     pending = b""
     with path.open("rb") as handle:
@@ -158,11 +159,13 @@ def follow_file(path: Path, damage: Damage, wait: Callable[[float], None] = time
                     if line is None:
                         continue
                     yield line
-                    if line.event == "run.started" and started is None:
-                        started = line.fields
+                    if line.event in ("run.started", "run.resumed"):  # the latest coordinator is the one to watch
+                        started, finished = line.fields, False
                     elif line.event == "run.finished":
-                        return
+                        finished = True  # the end, unless a resume wrote more after it
                 continue
+            if finished:
+                return
             if started is not None and not alive(started):
                 pending += handle.read()
                 for raw in pending.splitlines(keepends=True):
@@ -313,6 +316,30 @@ def pid_alive(pid: int) -> bool:
 
 
 def coordinator_alive(started: dict[str, Any]) -> bool:
-    """Is the coordinator of a run (its `run.started` line) still running here? False if it ran on another host."""
+    """Is the coordinator of a run (its `run.started` or `run.resumed` line) still running? The run's journal lock
+    answers when there is a journal (pids are reused); else its pid, here (False if it ran on another host)."""
+    journal = started.get("journal_path")
+    if journal is None and started.get("log_file"):
+        journal = str(started["log_file"]).removesuffix(LOG_SUFFIX) + ".journal"
+    if journal and os.path.exists(journal):
+        return journal_locked(Path(journal))
     pid = started.get("coordinator_pid") or started.get("pid")
     return started.get("host") == HOST and isinstance(pid, int) and pid_alive(pid)
+
+
+def journal_locked(path: Path) -> bool:
+    """Does a coordinator hold this journal's flock (the run is alive)?"""
+    import errno
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)
+    return False

@@ -15,10 +15,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from runner.logs.contract import LOG_SUFFIX, SIDE_FILES
 from runner.logs.read import Damage, coordinator_alive, parse_line, stamp_seconds
 
-LOG_SUFFIX = ".jsonl"
-SIDE_FILES = (".dead.jsonl", ".pending.jsonl")
 _RUN_STAMP = re.compile(r"-(\d{8}T\d{6}Z)-[0-9a-f]+\Z")
 
 
@@ -41,6 +40,7 @@ class RunInfo:
     dead: int | None = None
     host: str | None = None
     pid: int | None = None
+    hint: str | None = None  #: what to do next (a crashed or stopped run with a journal: `runner resume <id>`)
 
 
 def is_run_log(path: Path) -> bool:
@@ -97,22 +97,32 @@ def run_info(path: Path, now: float | None = None) -> RunInfo:
         info.name, info.started = started.get("name"), started.get("timestamp")
         info.host, info.pid = started.get("host"), started.get("coordinator_pid") or started.get("pid")
     last: str | None = None
-    finished = progress = None
-    for fields in tail_lines(path):
+    finished = progress = latest = None
+    for fields in tail_lines(path):  # backwards: the first of run.finished / run.resumed / run.started decides
         last = last or fields.get("timestamp")
-        if fields.get("event") == "run.finished":
+        event = fields.get("event")
+        if event == "progress" and progress is None:
+            progress = fields
+        elif event == "run.finished":
             finished = fields
             break
-        if fields.get("event") == "progress":
-            progress = fields
+        elif event in ("run.resumed", "run.started"):
+            latest = fields
             break
+    if latest is None and finished is None and started is not None and started.get("event") == "run.started":
+        latest = started
+    if latest is not None:
+        latest = {**latest, "log_file": str(path)}
     figures = finished or progress or {}
     info.done, info.failed, info.dead = figures.get("done"), figures.get("failed"), figures.get("dead")
     if finished is not None:
         info.status = str(finished.get("status", "finished"))
         info.duration_s = finished.get("duration_s")
-    elif started is not None and started.get("event") == "run.started":
-        info.status = "running" if coordinator_alive(started) else "crashed"
+    elif latest is not None:
+        info.status = "running" if coordinator_alive(latest) else "crashed"
+    journal = path.with_name(info.run_id + ".journal")
+    if info.status in ("crashed", "stopped") and journal.exists():
+        info.hint = f"runner resume {info.run_id}"
     if info.duration_s is None and info.started:
         end = (time.time() if now is None else now) if info.status == "running" else stamp_seconds(last) if last else None
         info.duration_s = None if end is None else max(0.0, round(end - stamp_seconds(info.started), 3))

@@ -208,6 +208,8 @@ class Summary:
             self.progress_done[run] = done
         elif event == "run.started":
             self.runs.setdefault(str(run), {}).update(name=fields.get("name"), started=line.timestamp, host=fields.get("host"))
+        elif event == "run.resumed":  # a run.finished before it (a stop) is no longer the run's end
+            self.runs.setdefault(str(run), {}).pop("status", None)
         elif event == "run.finished":
             self.runs.setdefault(str(run), {}).update(status=fields.get("status"), duration_s=fields.get("duration_s"))
             self.finished[run] = {"pools": fields.get("pools") or {}, "workers": fields.get("workers") or {}}

@@ -61,6 +61,8 @@ class Context:
         self.job_id: int | None = None
         self.attempt: int | None = None
         self.origin: str | None = None  #: the process that produced or emitted the job
+        #: a resumed run's producer with `resume: offset`: the yields of this process already journaled (start there)
+        self.resume_offset: int = spec.get("resume_offset", 0)
         self._job_log: Any = None
 
     @property

@@ -9,6 +9,7 @@ report, exit"; SIGINT is ignored (the terminal's Ctrl-C is the coordinator's to 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import multiprocessing
 import os
 import signal
@@ -209,12 +210,15 @@ class ProducerLoop(ProcessLoop):
 
     def _send_checked(self, items: list[Any]) -> None:
         """The rare path: some payload cannot be encoded or the batch is over the frame limit. Each payload
-        is packed alone: a bad one is INVALID (its credit comes back), the rest go in batches under the limit."""
+        is packed alone: a bad one is INVALID (its credit comes back), the rest go in batches under the limit,
+        all in yield order, so the coordinator's count of this producer's output (a resume's replay position)
+        is never ahead of it."""
         chunk: list[bytes] = []
         size = 0
         for item in items:
-            packed = self._encodable(item)
+            packed = self._encodable(item, chunk)
             if packed is None:
+                chunk, size = [], 0  # sent before the INVALID
                 continue
             if chunk and size + len(packed) > FRAME_BUDGET:
                 self._send_packed(chunk)
@@ -228,8 +232,9 @@ class ProducerLoop(ProcessLoop):
         header = self.packer.pack_array_header(len(packed))
         self.send([BATCH, self.spec["target"], len(packed), header + b"".join(packed)])
 
-    def _encodable(self, item: Any) -> bytes | None:
-        """The payload packed, or None after an INVALID for it (and its credit refunded)."""
+    def _encodable(self, item: Any, before: list[bytes]) -> bytes | None:
+        """The payload packed, or None after an INVALID for it (and its credit refunded); the packed
+        payloads `before` it are sent first."""
         try:
             packed = self.packer.pack(item)
             if len(packed) > FRAME_BUDGET:
@@ -239,6 +244,8 @@ class ProducerLoop(ProcessLoop):
         except Exception as exc:
             self.packer.reset()
             error = f"payload is not msgpack-encodable: {type(exc).__name__}: {exc}"
+        if before:
+            self._send_packed(before)
         self.send([INVALID, error, repr(item)[:1000]])
         self.refund += 1  # under flush_lock; the main thread takes it back (take_refunds)
         return None
@@ -298,6 +305,9 @@ class ProducerLoop(ProcessLoop):
         sample_every = countdown = 0  # time every step while steps are slow, then ever fewer
         try:
             items = iter(self.task(self.ctx, **spec.get("params", {})))
+            skip = spec.get("skip", 0)
+            if skip:  # a resumed run replays this producer: its first `skip` yields were journaled already
+                next(itertools.islice(items, skip, skip), None)
             while not self.stopping:
                 if self.credit <= 0:
                     self.wait_for_credit()

@@ -1,0 +1,152 @@
+"""What the coordinator journals, in its own words: new jobs, settlements, producer ends, commits.
+
+The loop calls these as things happen (a per-batch append to a list, never per job on the happy
+path); `due`/`commit` turn what gathered into one journal frame every `journal.sync`. Without a
+journal (`journal: false`) every method is a no-op, so the loop needs no `if`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from runner.config import Config, RunConfig
+from runner.coordinator import journal as J
+from runner.coordinator.files import RunFiles
+from runner.coordinator.ledger import Batch, Ledger
+from runner.coordinator.resume import JournalState, config_hash
+from runner.errors import UsageError
+
+if TYPE_CHECKING:
+    from runner.coordinator.supervisor import Supervisor
+
+
+class RunJournal:
+    def __init__(self, journal: J.Journal | None, files: RunFiles) -> None:
+        self.journal = journal
+        self.files = files
+        self.positions: dict[str, int] = {}  #: producer key -> yields journaled so far
+        self.next_commit = 0.0
+
+    @property
+    def on(self) -> bool:
+        return self.journal is not None
+
+    def start(self, pid: int) -> None:
+        """A coordinator took the run: a commit with the files' sizes now (a results file may hold other runs' lines)."""
+        if self.journal is not None:
+            self.journal.add([J.START, pid])
+            self.commit()
+
+    def jobs(self, batch: Batch, producer: str | None) -> None:
+        """New jobs: from a producer (its position advances) or emitted by a consumer (producer None)."""
+        if self.journal is not None:
+            position = None
+            if producer is not None:
+                position = self.positions.get(producer, 0)
+                self.positions[producer] = position + batch.n
+            self.journal.add([J.JOBS, batch.pool, batch.first_id, batch.n, batch.blob, batch.origin, position])
+
+    def invalid(self, pool: str, job_id: int, producer: str) -> None:
+        if self.journal is not None:
+            self.positions[producer] = self.positions.get(producer, 0) + 1
+            self.journal.add([J.INVALID, pool, job_id, producer])
+
+    def done(self, batch: Batch, newly: range, failed: set[int]) -> None:
+        """Jobs `newly` of `batch` settled, except the failed indexes (retried or dead, journaled apart)."""
+        if self.journal is None or not newly:
+            return
+        if batch.ids is None and not failed:
+            self.journal.add([J.DONE, batch.pool, batch.first_id + newly.start, len(newly)])
+        else:
+            ids = [batch.job_id(i) for i in newly if i not in failed]
+            if ids:
+                self.journal.add([J.DONE_IDS, batch.pool, ids])
+
+    def dead(self, pool: str, job_id: int, attempts: int) -> None:
+        if self.journal is not None:
+            self.journal.add([J.DEAD, pool, job_id, attempts])
+
+    def attempt(self, job_id: int, attempt: int) -> None:
+        if self.journal is not None:
+            self.journal.add([J.ATTEMPT, job_id, attempt])
+
+    def producer_ended(self, key: str, status: str) -> None:
+        if self.journal is not None:
+            self.journal.add([J.END, key, status])
+
+    def rerun(self, jobs: list[tuple[int, int]]) -> None:
+        if self.journal is not None:
+            self.journal.add([J.RERUN, [list(job) for job in jobs]])
+
+    # -- commits -----------------------------------------------------------------------------
+    def timeout(self, now: float, timeout: float) -> float:
+        """The loop's wait, shortened so a commit is never late."""
+        if self.journal is not None and self.journal.records:
+            return min(timeout, max(0.0, self.next_commit - now))
+        return timeout
+
+    def tick(self, now: float) -> None:
+        if self.journal is not None and self.journal.records and now >= self.next_commit:
+            self.next_commit = now + self.journal.interval
+            self.commit()
+
+    def commit(self) -> None:
+        if self.journal is not None:
+            results, dead, fds = self.files.offsets()
+            self.journal.commit(results, dead, fds)
+
+    def finish(self, status: str) -> None:
+        """The run's end: the last commit, then the lock goes (the run is no longer alive)."""
+        if self.journal is not None:
+            self.journal.add([J.FINISH, status])
+            self.commit()
+            self.journal.close()
+            self.journal = None
+
+    @property
+    def bytes_written(self) -> int:
+        return self.journal.bytes_written if self.journal is not None else 0
+
+
+def open_journal(config: Config, run_id: str, resume: JournalState | None) -> J.Journal | None:
+    """The run's journal, locked; a new run writes its header (the config, its hash, the run id)."""
+    run = config.run
+    if run.journal is None:
+        if resume is not None:
+            raise UsageError("a resumed run keeps its journal: `journal` cannot be turned off on resume")
+        return None
+    path = J.journal_path(run.logs.dir, run_id)
+    if resume is not None:
+        return J.Journal(path, run.journal.sync, None, truncate_to=resume.good_end)
+    data = run.model_dump(mode="json")
+    header = [J.HEADER, J.VERSION, run_id, run.name, data, config_hash(data), config.path, config.base_dir]
+    return J.Journal(path, run.journal.sync, header)
+
+
+def restore(state: JournalState, ledger: Ledger, supervisor: Supervisor, run: RunConfig, rerun: dict[int, int] | None) -> dict[str, Any]:
+    """Queue a journal's unsettled jobs again, restore the counts, and tell the producers where to start.
+
+    Jobs in flight when the coordinator died keep the attempt the journal gave them: no attempt is
+    charged, since their failure was the coordinator's. A retry (`rerun`) queues only those dead jobs."""
+    if rerun is not None:
+        state._record([J.RERUN, [[job_id, previous] for job_id, previous in rerun.items()]])
+    ledger.resume_ids(state.max_id)
+    for pool, done in state.done.items():
+        if pool in ledger.stats:
+            ledger.stats[pool].done = done
+    for pool, dead in state.dead_counts().items():
+        if pool in ledger.stats:
+            ledger.stats[pool].dead = dead
+    requeued = 0
+    for group in state.unsettled(set(rerun) if rerun is not None else None):
+        ledger.restore(group.pool, group.ids, group.attempts, group.blob, group.origin)
+        requeued += len(group.ids)
+    supervisor.resume_positions = dict(state.positions)
+    replay = 0
+    if rerun is not None:
+        supervisor.resume_ended = {"*"}
+    else:
+        supervisor.resume_ended = {key for key, status in state.ended.items() if status != "stopped"}
+        replay = sum(1 for p in run.producers for i in range(1, p.processes + 1) if f"{p.name}-{i}" not in supervisor.resume_ended)
+    return {"settled": state.max_id - requeued if rerun is None else state.max_id - len(rerun), "requeued": requeued,
+            "producers_to_replay": replay, "resumes": state.starts}

@@ -1,0 +1,264 @@
+"""Crash-safe runs (issue 11), through the CLI: the journal, `runner resume`, `runner retry`.
+
+The coordinator is SIGKILLed alone (not its process group) at points chosen from the results file's
+progress, never from time; its processes exit by themselves; a resume must leave every job in the
+results file exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import TASK_HELPERS, Command, assert_each_once, free_port, read_jsonl, runner_cli, start_run, wait_for
+
+N = 1500
+pytestmark = pytest.mark.timeout(300)  # each test runs a 1,500-job run two or three times on a shared machine
+
+TASKS = TASK_HELPERS + '''
+
+def produce(ctx, n):
+    for i in range(n):
+        yield {"i": i}
+
+
+def produce_offset(ctx, n):
+    mark(f"offset-{ctx.resume_offset}")
+    for i in range(ctx.resume_offset, n):
+        yield {"i": i}
+
+
+def consume(ctx, job):
+    time.sleep(0.001)  # the run must last long enough to be killed in the middle; no test waits on it
+    return {"i": job["i"]}
+
+
+def fragile(ctx, job):
+    if job["i"] % 100 == 7 and not os.path.exists("fixed"):
+        raise ValueError(f"bad job {job['i']}")
+    return {"i": job["i"]}
+'''
+
+
+def config(**extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "name": "j",
+        "producers": [{"name": "prod", "task": "tasks:produce", "params": {"n": N}}],
+        "consumers": [{"name": "work", "task": "tasks:consume", "processes": 2}],
+        "queue": {"maxsize": 200, "batch": 32},
+        "results": "results.jsonl",
+        "logs": {"dir": "logs", "progress_interval": "50ms"},
+        "start_method": "fork",
+        "shutdown": {"grace": "5s"},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def results(folder: Path) -> list[dict[str, Any]]:
+    return read_jsonl(folder / "results.jsonl")
+
+
+def lines_in(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def kill_coordinator_at(folder: Path, process: subprocess.Popen[str], done: int) -> None:
+    """SIGKILL the coordinator alone once `done` results are written; its processes must exit by themselves."""
+    wait_for(lambda: lines_in(folder / "results.jsonl") >= done or process.poll() is not None, timeout=60,
+             what=f"{done} results")
+    assert process.poll() is None, f"the run ended before {done} results: {process.communicate()}"
+    children = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+
+    def gone() -> bool:
+        return all(not c.is_running() or c.status() == psutil.STATUS_ZOMBIE for c in children)
+
+    wait_for(gone, timeout=15, what="the dead coordinator's processes to exit by themselves")
+
+
+def run_id_of(folder: Path) -> str:
+    journals = list((folder / "logs").glob("*.journal"))
+    assert len(journals) == 1, journals
+    return journals[0].name.removesuffix(".journal")
+
+
+def status_of(folder: Path, run_id: str) -> dict[str, Any]:
+    out = runner_cli("runs", "--logs", "logs", "--json", cwd=folder)
+    assert out.returncode == 0, out.stderr
+    return next(r for r in map(json.loads, out.stdout.splitlines()) if r["run_id"] == run_id)
+
+
+def resume(folder: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return runner_cli("resume", *args, "--logs", "logs", cwd=folder, timeout=timeout)
+
+
+def start_resume(folder: Path, run_id: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "runner", "resume", run_id, "--logs", "logs", *args], cwd=folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def log_events(folder: Path, run_id: str, name: str) -> list[dict[str, Any]]:
+    return [e for e in read_jsonl(folder / "logs" / f"{run_id}.jsonl") if e["event"] == name]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_then_resume_exactly_once(folder: Path, seed: int) -> None:
+    point = random.Random(seed).randrange(50, N - 300)
+    run = start_run(folder, config(), tasks=TASKS)
+    kill_coordinator_at(folder, run.process, point)
+    run_id = run_id_of(folder)
+    info = status_of(folder, run_id)
+    assert info["status"] == "crashed", info
+    assert info["hint"] == f"runner resume {run_id}"
+    table = runner_cli("runs", "--logs", "logs", cwd=folder)
+    assert f"runner resume {run_id}" in table.stdout
+    done = resume(folder, run_id)
+    assert done.returncode == 0, done.stderr
+    assert_each_once(results(folder), range(N))
+    assert all(r["run_id"] == run_id for r in results(folder))
+    resumed = log_events(folder, run_id, "run.resumed")
+    assert len(resumed) == 1 and resumed[0]["coordinator_pid"] != run.process.pid
+    assert resumed[0]["settled"] + resumed[0]["requeued"] <= N and resumed[0]["producers_to_replay"] == 1
+    assert status_of(folder, run_id)["status"] == "finished"
+    again = resume(folder, run_id)
+    assert again.returncode == 0 and "finished already" in again.stdout
+
+
+def test_second_crash_during_resume_then_third(folder: Path) -> None:
+    run = start_run(folder, config(), tasks=TASKS)
+    kill_coordinator_at(folder, run.process, 300)
+    run_id = run_id_of(folder)
+    second = start_resume(folder, run_id)
+    kill_coordinator_at(folder, second, 800)
+    assert status_of(folder, run_id)["status"] == "crashed"
+    third = resume(folder, run_id)
+    assert third.returncode == 0, third.stderr
+    assert_each_once(results(folder), range(N))
+    assert len(log_events(folder, run_id, "run.resumed")) == 2
+
+
+def test_torn_journal_tail_then_resume(folder: Path) -> None:
+    run = start_run(folder, config(), tasks=TASKS)
+    kill_coordinator_at(folder, run.process, 600)
+    run_id = run_id_of(folder)
+    journal = folder / "logs" / f"{run_id}.journal"
+    size = journal.stat().st_size
+    with open(journal, "r+b") as handle:
+        handle.truncate(size - 7)
+        handle.seek(0, os.SEEK_END)
+        handle.write(b"\x13garbage\xff\x00" * 5)
+    done = resume(folder, run_id)
+    assert done.returncode == 0, done.stderr
+    assert_each_once(results(folder), range(N))
+
+
+def test_resume_after_sigterm_stop(folder: Path) -> None:
+    run = start_run(folder, config(), tasks=TASKS)
+    wait_for(lambda: lines_in(folder / "results.jsonl") >= 400, timeout=60, what="400 results")
+    run.process.send_signal(signal.SIGTERM)
+    assert run.wait() == 143
+    run_id = run_id_of(folder)
+    assert (folder / "logs" / f"{run_id}.pending.jsonl").exists()
+    assert status_of(folder, run_id)["status"] == "stopped"
+    done = resume(folder, "--last", "j")
+    assert done.returncode == 0, done.stderr
+    assert not (folder / "logs" / f"{run_id}.pending.jsonl").exists()
+    assert_each_once(results(folder), range(N))
+    assert status_of(folder, run_id)["status"] == "finished"
+
+
+def test_resume_offset_producer(folder: Path) -> None:
+    cfg = config(producers=[{"name": "prod", "task": "tasks:produce_offset", "params": {"n": N}, "resume": "offset"}])
+    run = start_run(folder, cfg, tasks=TASKS)
+    kill_coordinator_at(folder, run.process, 500)
+    run_id = run_id_of(folder)
+    done = resume(folder, run_id)
+    assert done.returncode == 0, done.stderr
+    assert_each_once(results(folder), range(N))
+    offsets = sorted(int(p.name.removeprefix("offset-")) for p in folder.glob("offset-*"))
+    assert offsets[0] == 0 and len(offsets) == 2 and offsets[1] >= 500, offsets
+
+
+def test_start_resume_and_refusals(folder: Path) -> None:
+    run = start_run(folder, config(), tasks=TASKS)
+    wait_for(lambda: lines_in(folder / "results.jsonl") >= 100, timeout=60, what="100 results")
+    run_id = run_id_of(folder)
+    alive = resume(folder, run_id)
+    assert alive.returncode == 2 and "still running" in alive.stderr, alive.stderr
+    kill_coordinator_at(folder, run.process, 200)
+    changed = config(consumers=[{"name": "worker", "task": "tasks:consume", "processes": 2}],
+                     producers=[{"name": "prod", "task": "tasks:produce", "params": {"n": N}}])
+    (folder / "changed.yaml").write_text(yaml.safe_dump(changed))
+    refused = runner_cli("start", "--config", "changed.yaml", "--resume", cwd=folder)
+    assert refused.returncode == 2 and "work" in refused.stderr and "removed or renamed" in refused.stderr, refused.stderr
+    params = runner_cli("resume", run_id, "--logs", "logs", "--set", "producers.prod.params.n=5", cwd=folder)
+    assert params.returncode == 2 and "params" in params.stderr, params.stderr
+    more = runner_cli("start", "--config", "run.yaml", "--resume", "--set", "consumers.work.processes=3", cwd=folder, timeout=90)
+    assert more.returncode == 0, more.stderr
+    assert f"run: {run_id}" in more.stdout
+    assert_each_once(results(folder), range(N))
+
+
+def test_retry_after_fix(folder: Path) -> None:
+    cfg = config(consumers=[{"name": "work", "task": "tasks:fragile", "processes": 2, "retries": 1, "retry_backoff": "10ms"}])
+    run = start_run(folder, cfg, tasks=TASKS)
+    assert run.wait(90) == 1, run.stderr
+    run_id = run_id_of(folder)
+    dead_path = folder / "logs" / f"{run_id}.dead.jsonl"
+    dead = read_jsonl(dead_path)
+    bad = sorted(d["job_id"] for d in dead)
+    assert len(bad) == N // 100 and all(d["attempts"] == 2 for d in dead)
+    listing = runner_cli("retry", run_id, "--logs", "logs", "--dry-run", cwd=folder)
+    assert listing.returncode == 0 and f"{len(bad)} job(s) would run again" in listing.stdout
+    (folder / "fixed").write_text("")
+    again = runner_cli("retry", run_id, "--logs", "logs", cwd=folder, timeout=90)
+    assert again.returncode == 0, again.stderr
+    assert_each_once(results(folder), range(N))
+    assert read_jsonl(dead_path) == []
+    reruns = log_events(folder, run_id, "job.rerun")
+    assert sorted(e["job_id"] for e in reruns) == bad and all(e["previous_attempts"] == 2 for e in reruns)
+    nothing = runner_cli("retry", run_id, "--logs", "logs", cwd=folder)
+    assert nothing.returncode == 0 and "no dead job" in nothing.stdout
+
+
+def test_resume_with_a_worker_host_that_reconnects(folder: Path) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cfg = config(consumers=[{"name": "work", "task": "tasks:consume", "processes": 1}], transport={"bind": address})
+    run = start_run(folder, cfg, "--insecure", tasks=TASKS)
+    worker = Command(folder, "worker", [sys.executable, "-m", "runner", "worker", "--connect", address, "--insecure",
+                                        "--give-up", "60", "--path", str(folder)])
+    try:
+        run_id = wait_for(lambda: (folder / "logs").exists() and list((folder / "logs").glob("*.journal")), what="journal")[0]
+        run_id = run_id.name.removesuffix(".journal")
+        wait_for(lambda: log_has(folder, run_id, "host.joined"), timeout=30, what="the worker host to join")
+        kill_coordinator_at(folder, run.process, 500)
+        done = resume(folder, run_id, "--insecure")
+        assert done.returncode == 0, done.stderr
+        assert worker.wait(30) == 0, worker.stderr
+    finally:
+        if worker.process.poll() is None:
+            os.killpg(worker.process.pid, signal.SIGKILL)
+    assert_each_once(results(folder), range(N))
+    events = read_jsonl(folder / "logs" / f"{run_id}.jsonl")
+    resumed_at = next(i for i, e in enumerate(events) if e["event"] == "run.resumed")
+    assert any(e["event"] == "host.joined" for e in events[resumed_at:])
+
+
+def log_has(folder: Path, run_id: str, event: str) -> bool:
+    path = folder / "logs" / f"{run_id}.jsonl"
+    return path.exists() and f'"event":"{event}"' in path.read_text().replace(" ", "")

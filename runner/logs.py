@@ -26,6 +26,8 @@ EVENTS = frozenset({
     "producer.finished", "producer.failed", "job.queued", "batch.sent", "job.done", "job.failed", "job.retried", "job.dead",
     "queue.full", "progress", "lock.broken", "protocol.error", "report.stale",
     "host.joined", "host.lost", "host.left", "host.refused",
+    # stuck jobs and memory limits (issue 12)
+    "job.stalled",
 })
 #: event namespaces that belong to the runner: a name in them that is not in EVENTS is unknown
 RESERVED_PREFIXES = ("run.", "worker.", "pool.", "producer.", "job.", "batch.", "queue.", "lock.", "host.", "protocol.", "report.")
@@ -97,7 +99,7 @@ def human(line: dict[str, Any]) -> Text:
         who = f"{line['host']}/{who}"
     text.append(f"{who} ", style="magenta")
     for key, value in line.items():
-        if key in CONTEXT_KEYS or key in ("traceback", "pools", "workers") or value is None:
+        if key in CONTEXT_KEYS or key in ("traceback", "stack", "pools", "workers") or value is None:
             continue
         text.append(f"{key}=", style="dim")
         text.append(f"{value} ")

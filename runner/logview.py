@@ -39,6 +39,8 @@ from runner.logread import (  # noqa: F401  (re-exported)
 
 #: events the runner itself writes (log contract); others in these namespaces are unknown
 KNOWN_EVENTS = EVENTS
+#: a job.failed `cause` meaning its process died under it (`crash`: written before causes were named)
+DIED = frozenset({"crash", "crashed", "timed_out", "stalled", "memory"})
 #: fields an analysis needs from an event; a line without them is skipped and counted as damaged
 NEEDS = {
     "job.queued": ("job_id",), "job.done": ("job_id",), "job.failed": ("job_id",), "job.retried": ("job_id",),
@@ -168,7 +170,7 @@ def _attempt(line: LogLine, crash: LogLine | None) -> Attempt:
     if line.event == "job.done":
         return Attempt(fields.get("attempt"), fields.get("worker"), fields.get("host"), fields.get("pid"), line.timestamp,
                        "done", fields.get("duration_ms"))
-    if fields.get("cause") == "crash":  # written by the coordinator for the dead process, with its details
+    if fields.get("cause") in DIED:  # written by the coordinator for the dead process, with its details
         return Attempt(fields.get("attempt"), fields.get("worker"), fields.get("host"), fields.get("pid"), line.timestamp,
                        "crashed", fields.get("duration_ms"), fields.get("error"))
     by_coordinator = fields.get("role") == "coordinator" and fields.get("duration_ms") is None
@@ -531,7 +533,7 @@ class Timeline:
             start = max(end - round(fields["duration_ms"] * 1000), self.tracks[key])
             self.tracks[key] = max(self.tracks[key], end)
             failed = event == "job.failed"
-            outcome = ("crashed" if fields.get("cause") == "crash" else "failed") if failed else "done"
+            outcome = ("crashed" if fields.get("cause") in DIED else "failed") if failed else "done"
             args = {"job_id": fields.get("job_id"), "attempt": fields.get("attempt"), "pool": fields.get("pool"),
                     "duration_ms": fields["duration_ms"], "outcome": outcome}
             if failed:

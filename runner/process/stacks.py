@@ -45,7 +45,8 @@ def stack_path(run_id: str, pid: int) -> Path:
 def install(run_id: str) -> None:
     """In the child, at start: dump every thread's stack to its file on STACK_SIGNAL."""
     folder = stack_dir(run_id)
-    folder.mkdir(parents=True, mode=0o700, exist_ok=True)
+    folder.parent.mkdir(mode=0o700, exist_ok=True)  # the user's private folder (as the control socket's)
+    folder.mkdir(mode=0o700, exist_ok=True)
     out = open(stack_path(run_id, os.getpid()), "ab", buffering=0)  # O_APPEND: writes go to the end after a truncate
     _held[:] = [out]
     faulthandler.register(STACK_SIGNAL, file=out, all_threads=True, chain=False)

@@ -6,6 +6,7 @@ Precedence: `--set` overrides > YAML > defaults. Unknown keys are errors, with a
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,7 +16,31 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from runner.durations import parse_duration
 from runner.errors import ConfigError
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> Any:
+    """Bytes from `300000000`, `200MB`, `2GiB`, `512Mi`: KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 200MB, 2GiB or a number of bytes")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ValueError("a size must be above 0")
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            unit = (match.group(2) or "").lower()
+            base = 1024 if "i" in unit else 1000
+            scale = base ** "bkmgt".index(unit[0]) if unit else 1
+            size = int(float(match.group(1)) * scale)
+            if size > 0:
+                return size
+    raise ValueError(f"expected a size such as 200MB, 2GiB or a number of bytes, found {value!r}")
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
 TaskRef = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
 PoolName = Annotated[str, Field(pattern=r"^[A-Za-z][\w-]*$")]
 
@@ -49,6 +74,10 @@ class ConsumerConfig(_Model):
     job_timeout: Duration | None = None
     max_jobs_per_process: int | None = Field(None, ge=1)
     restart_limit: int = Field(5, ge=1)  #: crashes in a row with no job finished before the pool fails
+    stall_timeout: Duration | None = 300.0  #: a job this long without ctx.heartbeat() is stalled; None: never
+    stall_action: Literal["warn", "kill"] = "warn"  #: warn: job.stalled with the stack; kill: also SIGKILL and retry
+    max_rss: Size | None = None  #: a process above it is recycled after the job in hand (sampled)
+    memory_limit: Size | None = None  #: a process above it is SIGKILLed at once, its job charged (sampled)
     to: str | None = None  #: default pool for ctx.emit
     params: dict[str, Any] = Field(default_factory=dict)  #: passed to the task as ctx.params
 
@@ -56,6 +85,8 @@ class ConsumerConfig(_Model):
     def _min_not_above_max(self) -> ConsumerConfig:
         if self.min_processes > self.processes and self.processes > 0:
             raise ValueError(f"min_processes ({self.min_processes}) is above processes ({self.processes})")
+        if self.stall_timeout is not None and self.stall_timeout <= 0:
+            raise ValueError("stall_timeout must be above 0 (null turns stall detection off)")
         return self
 
 

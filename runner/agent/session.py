@@ -2,7 +2,8 @@
 
 The agent is a relay with local supervision: the coordinator decides which processes run here and
 what they hold (its ledger is the only one); the session starts them, passes frames both ways, reaps
-them, enforces job_timeout on them, and reports every exit with the job in hand.
+them, enforces job_timeout, stall_timeout and memory_limit on them (process/watch.py), and reports
+every exit with the job in hand, every stall with its stack, and its processes' RSS with each heartbeat.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import zmq
 from runner.errors import ProtocolError, UsageError
 from runner.process.context import import_task
 from runner.process.handle import LocalProcess, LocalProcesses, warm_up
+from runner.process.watch import Stall, Watch
 from runner.wire import zeromq as wire
 
 
@@ -61,6 +63,7 @@ class Session:
         self.procs = LocalProcesses(start_method, self.host)
         warm_up(start_method)
         self.procs.poller.register(sock, zmq.POLLIN)
+        self.watch = Watch(self.procs, self.run_id, self.specs.get, self._stalled)
         self.last_heard = time.monotonic()
         self.next_beat = 0.0
         self.fwd_headers: dict[str, bytes] = {}  #: FWD header per process, encoded once
@@ -118,12 +121,13 @@ class Session:
         now = time.monotonic()
         if now >= self.next_beat:
             self.next_beat = now + self.interval
-            self._send(wire.HEARTBEAT)
+            self._send(wire.HEARTBEAT, self._procs_report(now))
         if now - self.last_heard > self.timeout:
             raise SessionEnded("lost", f"no heartbeat for {now - self.last_heard:.1f}s")
         if now >= self.next_check:
             self.next_check = now + CHECK_EVERY_S
             self.procs.kill_overdue(now, lambda pool: self.specs.get(pool, {}).get("job_timeout"), lambda proc: "a job")
+            self.watch.tick(now)
         if self.agent.stop_signal is not None and not self.stopping:
             self.stopping = True
             self.agent.say("stopping: processes finish the job in hand")
@@ -145,7 +149,24 @@ class Session:
     def _report_exit(self, proc: LocalProcess) -> None:
         running = proc.running_job()
         ended = self.procs.reap(proc)
-        self._send(wire.EXITED, proc.name, ended.code, ended.signal, ended.reason, list(running) if running else None, None)
+        self._send(wire.EXITED, proc.name, ended.code, ended.signal, ended.reason, list(running) if running else None, None,
+                   ended.cause)
+
+    def _stalled(self, stall: Stall) -> None:
+        self._send(wire.STALLED, stall.worker, list(stall.running), round(stall.running_s, 3), round(stall.silent_s, 3),
+                   stall.stall_timeout, stall.action, stall.stack)
+
+    def _answer_stacks(self, request: int) -> Callable[[dict[str, Any]], None]:
+        return lambda found: self._send(wire.STACK_DUMPS, request, found)
+
+    def _procs_report(self, now: float) -> dict[str, dict[str, Any]]:
+        """What a heartbeat tells of each process: RSS (for max_rss and status) and its job in hand."""
+        report = {}
+        for proc in self.procs.procs.values():
+            running = proc.running_job()
+            report[proc.name] = {"rss": proc.rss, "running": list(running) if running else None,
+                                 "running_s": round(now - proc.job_started_at(), 3) if running else None}
+        return report
 
     def _drain(self) -> None:
         while True:
@@ -171,6 +192,8 @@ class Session:
                 proc = self.procs.procs.get(fields[0])
                 if proc is not None:
                     self.procs.signal(proc, fields[1], fields[2] if len(fields) > 2 else None)
+            elif kind == wire.STACKS:
+                self.watch.busy_stacks(time.monotonic(), self._answer_stacks(fields[0]))
             elif kind == wire.BYE:
                 self._send(wire.BYE, "bye")
                 raise SessionEnded("done", f"{self.run_id}: {fields[0] if fields else 'over'}")

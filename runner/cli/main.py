@@ -254,14 +254,16 @@ ControlKeysOption = typer.Option(None, "--keys", help="CURVE keys folder (a work
 KeyNameOption = typer.Option(None, "--name", help="Use <name>.key_secret from --keys (default: worker.key_secret).")
 
 
-def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys: Optional[Path], kind: int, name: Optional[str] = None) -> dict:
+def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys: Optional[Path], kind: int, name: Optional[str] = None,
+             *fields: Any) -> dict:
     """Ask a running coordinator: by --connect (remote, CURVE), or the control socket of a run in --logs."""
     from runner.wire import zeromq as wire
 
+    timeout = 10.0 if fields else 5.0  # stacks take a moment: the coordinator waits up to 3 s for worker hosts'
     if connect:
-        return wire.request(connect, kind, wire.WorkerKeys(keys, name) if keys else None)
+        return wire.request(connect, kind, wire.WorkerKeys(keys, name) if keys else None, timeout, *fields)
     address = _local_control(run_id, logs_dir)
-    return wire.request(address, kind)
+    return wire.request(address, kind, None, timeout, *fields)
 
 
 def _local_control(run_id: Optional[str], logs_dir: Path) -> str:
@@ -291,14 +293,15 @@ def status(
     keys: Optional[Path] = ControlKeysOption,
     name: Optional[str] = KeyNameOption,
     as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON."),
+    stacks: bool = typer.Option(False, "--stacks", help="Also print every busy process's job and Python stack (worker hosts too)."),
 ) -> None:
-    """Show a running coordinator's hosts, pools, processes, queue depths, counts and rate."""
+    """Show a running coordinator's hosts, pools, processes (job in hand, progress, RSS), queue depths, counts and rate."""
     import json
 
     from runner.wire import zeromq as wire
 
     try:
-        reply = _control(run_id, logs_dir, connect, keys, wire.STATUS, name)
+        reply = _control(run_id, logs_dir, connect, keys, wire.STATUS, name, *([{"stacks": True}] if stacks else []))
     except RunnerError as exc:
         _fail(exc)
         return
@@ -315,6 +318,39 @@ def status(
     for pool, info in reply["pools"].items():
         extra = f", queued {info['queued']:,}, done {info['done']:,}, failed {info['failed']:,}, dead {info['dead']:,}" if "queued" in info else ""
         out.print(f"  pool {pool} ({info['role']}): {info['processes']} processes{extra}")
+    _print_processes(out, reply)
+    if stacks:
+        _print_stacks(out, reply.get("stacks") or [])
+
+
+def _job_text(entry: dict[str, Any]) -> str:
+    """`job 17 for 12.3s, progress rows=1200 of=5000, RSS 52.1 MiB`: what a process is doing."""
+    from runner.process.memory import format_bytes
+
+    parts = []
+    if entry.get("job_id") is not None:
+        parts.append(f"job {entry['job_id']}" + (f" for {entry['running_s']:.1f}s" if entry.get("running_s") is not None else ""))
+    if entry.get("progress"):
+        parts.append("progress " + " ".join(f"{k}={v}" for k, v in entry["progress"].items()))
+    if entry.get("rss"):
+        parts.append(f"RSS {format_bytes(entry['rss'])}")
+    return ", ".join(parts)
+
+
+def _print_processes(out: Console, reply: dict[str, Any]) -> None:
+    for proc in reply.get("processes", []):
+        what = _job_text(proc) or ("idle" if proc.get("ready") else "starting")
+        out.print(f"  process {proc['host']}/{proc['worker']} (pid {proc['pid']}): {what}", markup=False, soft_wrap=True)
+
+
+def _print_stacks(out: Console, entries: list[dict[str, Any]]) -> None:
+    if not entries:
+        out.print("no busy process: no stack to show")
+    for entry in entries:
+        who = f"{entry['host']}/{entry['worker']}" if entry.get("worker") else f"host {entry['host']}"
+        pid = f" (pid {entry['pid']})" if entry.get("pid") else ""
+        out.print(f"\n{who}{pid}: {_job_text(entry) or 'a job'}", markup=False, soft_wrap=True)
+        out.print(entry.get("stack") or "(no stack)", markup=False, soft_wrap=True, highlight=False)
 
 
 @app.command()

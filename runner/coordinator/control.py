@@ -1,7 +1,10 @@
 """The local control socket: `runner status` and `runner stop` for the user who started the run.
 
   client -> coordinator   [STATUS] / [STOP_RUN]        (runner.wire.zeromq headers)
+                          [STATUS, {"stacks": true}]   the status with every busy process's stack
   coordinator -> client   [REPLY, dict]                the status, or {"ok": true, "run_id": ...}
+
+A status with stacks is answered later, once the stacks are in (`later`): the loop never waits.
 
 It lives at ipc://$TMPDIR/runner-<uid>/<run_id>.ctl, in a folder only that user may enter. The
 same requests also reach the bound address of a multi-host run (hosts.py); both answer through
@@ -21,9 +24,11 @@ from runner.wire import zeromq as wire
 
 
 class ControlSocket:
-    def __init__(self, context: zmq.Context, run_id: str, reply: Callable[[int], dict[str, Any]], log: Any) -> None:
+    def __init__(self, context: zmq.Context, run_id: str, reply: Callable[[int], dict[str, Any]], log: Any,
+                 later: Callable[[Callable[[dict[str, Any]], None]], None] | None = None) -> None:
         self.address = wire.control_address(run_id)
         self._reply = reply
+        self._later = later
         self.log = log
         self.sock = context.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -37,11 +42,23 @@ class ControlSocket:
             except zmq.Again:
                 return
             try:
-                kind, _, _ = wire.parse(parts)
+                kind, fields, _ = wire.parse(parts)
             except ProtocolError as exc:
                 self.log.error("protocol.error", peer="control", error=str(exc))
                 continue
-            self.sock.send_multipart([identity, wire.header(wire.REPLY, self._reply(kind))])
+            if self._later is not None and wire.wants_stacks(kind, fields):
+                self._later(self._answer_to(identity))
+                continue
+            self._send(identity, self._reply(kind))
+
+    def _answer_to(self, identity: bytes) -> Callable[[dict[str, Any]], None]:
+        return lambda reply: self._send(identity, reply)
+
+    def _send(self, identity: bytes, reply: dict[str, Any]) -> None:
+        try:
+            self.sock.send_multipart([identity, wire.header(wire.REPLY, reply)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the client is gone (a status that waited for stacks and gave up): nobody to tell
 
     def close(self) -> None:
         self.sock.close(0)

@@ -27,6 +27,8 @@ from runner.wire import zeromq as wire
 
 #: most processes per pool a worker host may ask for (a HELLO field: checked, never trusted)
 MAX_HOST_PROCESSES = 1024
+#: what a worker host may say a dead process's job in hand is charged with (EXITED's cause)
+CAUSES = frozenset({"crashed", "timed_out", "stalled", "memory"})
 
 
 def _ints(value: Any, n: int) -> bool:
@@ -56,6 +58,14 @@ class HostEvents(Protocol):
     def on_host_joined(self, host: RemoteHost) -> None: ...
 
     def on_host_gone(self, name: str) -> None: ...
+
+    def status_with_stacks(self, answer: Any) -> None: ...
+
+    def on_stalled(self, member: Member, fields: list[Any]) -> None: ...
+
+    def on_stack_dumps(self, host: str, request: int, dumps: Any) -> None: ...
+
+    def on_heartbeat(self, host: RemoteHost, procs: Any) -> None: ...
 
 
 @dataclass(eq=False)
@@ -143,6 +153,9 @@ class Hosts:
 
     def _on_message(self, identity: bytes, kind: int, fields: list[Any], frame: bytes | None) -> None:
         events = self.events
+        if wire.wants_stacks(kind, fields):
+            events.status_with_stacks(lambda reply: self._send(identity, wire.REPLY, reply))
+            return
         if kind in (wire.STATUS, wire.STOP_RUN):
             self._send(identity, wire.REPLY, events.control_reply(kind))
             return
@@ -162,6 +175,7 @@ class Hosts:
             events.on_frame(proc, frame)
         elif kind == wire.EXITED:
             worker, code, signal_name, reason, running, fatal = fields[:6]
+            cause = fields[6] if len(fields) > 6 and fields[6] in CAUSES else "crashed"
             if not (_ints(running, 2) or running is None) or not (fatal is None or _strs(fatal, 2)) or not isinstance(reason, str):
                 raise ProtocolError(f"malformed EXITED for {worker!r}")  # checked before the process is forgotten
             proc = host.procs.pop(worker, None)
@@ -169,10 +183,20 @@ class Hosts:
                 proc.remote_running = tuple(running) if running else None  # type: ignore[assignment]
                 if fatal:
                     proc.fatal = tuple(fatal)  # type: ignore[assignment]
-                events.on_exit(proc, Exit(code, signal_name, reason))
+                events.on_exit(proc, Exit(code, signal_name, reason, cause))
+        elif kind == wire.STALLED:
+            proc = host.procs.get(fields[0])
+            if not (proc is not None and _ints(fields[1], 2) and len(fields) >= 7 and isinstance(fields[6], str)):
+                raise ProtocolError(f"malformed STALLED for {fields[0]!r}")
+            events.on_stalled(proc, fields)
+        elif kind == wire.STACK_DUMPS:
+            events.on_stack_dumps(host.name, fields[0], fields[1])
+        elif kind == wire.HEARTBEAT:
+            if fields:
+                events.on_heartbeat(host, fields[0])
         elif kind == wire.BYE:
             self._drop(host, "host.left", f"left: {fields[0] if fields else 'bye'}")
-        elif kind != wire.HEARTBEAT:
+        else:
             raise ProtocolError(f"unexpected message kind {kind} from a worker")
 
     def _on_hello(self, identity: bytes, fields: list[Any]) -> None:
@@ -232,6 +256,12 @@ class Hosts:
         host = self.by_name(proc.host)
         if host is not None:
             self._send(host.identity, wire.SIGNAL, proc.name, signum, reason)
+
+    def ask_stacks(self, name: str, request: int) -> None:
+        """Ask a worker host for its busy processes' stacks (it answers STACK_DUMPS)."""
+        host = self.by_name(name)
+        if host is not None:
+            self._send(host.identity, wire.STACKS, request)
 
     def members(self) -> list[Member]:
         return [proc for host in self.hosts.values() for proc in host.procs.values()]

@@ -7,6 +7,7 @@ on a worker host. Dispatch, supervision and the ledger treat both alike through 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -44,6 +45,9 @@ class Member:
     jobs_done: int = 0  #: jobs it finished successfully
     idle_since: float = 0.0
     ended: bool = False  #: producers: its stream ended
+    progress: tuple[int, int, Any] | None = None  #: (batch id, index, progress) of its last ctx.heartbeat(**progress)
+    rss: int | None = None  #: its RSS at the last sample its worker host sent (remote processes)
+    recycled_rss: int | None = None  #: its RSS when it was recycled for going over max_rss
 
     remote = False
 
@@ -60,6 +64,14 @@ class Member:
         """When its job in hand started (time.monotonic()), 0.0 if unknown."""
         return 0.0
 
+    def resident(self) -> int | None:
+        """Its resident set size at the last sample (bytes), None if not known."""
+        return self.rss
+
+    def job_now(self) -> tuple[tuple[int, int], float] | None:
+        """((batch id, index), seconds it has run) of the job it runs now, as last known."""
+        return None
+
 
 @dataclass(eq=False)
 class LocalMember(Member):
@@ -71,11 +83,19 @@ class LocalMember(Member):
     def job_started_at(self) -> float:
         return self.handle.job_started_at() if self.handle is not None else 0.0
 
+    def resident(self) -> int | None:
+        return self.handle.rss if self.handle is not None else None
+
+    def job_now(self) -> tuple[tuple[int, int], float] | None:
+        running = self.running_job()
+        return (running, time.monotonic() - self.job_started_at()) if running else None
+
 
 @dataclass(eq=False)
 class RemoteMember(Member):
     route: Any = None  #: (host identity, TO header), encoded once at spawn
     remote_running: tuple[int, int] | None = None  #: its job in hand when it ended (from EXITED)
+    remote_job: tuple[tuple[int, int], float, float] | None = None  #: (job, seconds run, when heard) from its host's heartbeat
 
     remote = True
 
@@ -85,3 +105,9 @@ class RemoteMember(Member):
 
     def running_job(self) -> tuple[int, int] | None:
         return self.remote_running
+
+    def job_now(self) -> tuple[tuple[int, int], float] | None:
+        if self.remote_job is None:
+            return None
+        running, seconds, heard = self.remote_job
+        return running, seconds + time.monotonic() - heard

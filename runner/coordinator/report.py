@@ -50,5 +50,17 @@ def status(run_id: str, name: str, state: str, started: float, rate: float, loca
             queued=ledger.queued(pool), done=stats.done, failed=stats.failed, dead=stats.dead, retried=stats.retried)
     return {"run_id": run_id, "name": name, "state": state, "pid": os.getpid(), "elapsed_s": round(now - started, 3),
             "rate": rate, "counts": counts(ledger), "hosts": host_info, "pools": pools, "processes": [
-                {"worker": p.name, "host": p.host, "pool": p.pool, "pid": p.pid, "ready": p.ready, "batches": len(p.outstanding)}
+                {"worker": p.name, "host": p.host, "pool": p.pool, "pid": p.pid, "ready": p.ready, "batches": len(p.outstanding),
+                 "rss": p.resident(), **job_now(ledger, p)}
                 for p in members]}
+
+
+def job_now(ledger: Ledger, member: Member) -> dict[str, Any]:
+    """The job a process runs now (as last known), how long it has run, and its last ctx.heartbeat progress."""
+    known = member.job_now()
+    batch = ledger.in_flight.get(known[0][0]) if known else None
+    if known is None or batch is None or batch.owner != member.key or not 0 <= known[0][1] < batch.n:
+        return {"job_id": None, "running_s": None, "progress": None}
+    (batch_id, index), seconds = known
+    progress = member.progress[2] if member.progress and tuple(member.progress[:2]) == (batch_id, index) else None
+    return {"job_id": batch.job_id(index), "running_s": round(seconds, 3), "progress": progress}

@@ -54,7 +54,7 @@ from runner.process.handle import Exit, warm_up
 from runner.timing import bucket_ms
 from runner.wire import messages
 from runner.wire import zeromq as wire
-from runner.wire.messages import BATCH, END, FATAL, GRANT, INVALID, LOCK, LOG, READY, REPORT
+from runner.wire.messages import BATCH, END, FATAL, GRANT, INVALID, LOCK, LOG, PROGRESS, READY, REPORT
 
 #: supervision tick when nothing happens (job timeouts, idle processes, retries)
 TICK_S = 0.1
@@ -252,7 +252,7 @@ class Coordinator:
         """The control socket (status, stop) and, with --bind, the socket worker hosts join."""
         poller = self.supervisor.procs.poller
         self.context = zmq.Context()
-        self.control = ControlSocket(self.context, self.run_id, self.control_reply, self.log)
+        self.control = ControlSocket(self.context, self.run_id, self.control_reply, self.log, self.status_with_stacks)
         poller.register(self.control.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         if self.bind:
@@ -275,6 +275,10 @@ class Coordinator:
             self.signals.append(signal.SIGTERM)  # the same graceful stop as SIGTERM
             return {"ok": True, "run_id": self.run_id}
         return {"error": f"unknown request {kind}"}
+
+    def status_with_stacks(self, answer: Any) -> None:
+        """`runner status --stacks`: the status once every busy process's stack is in (answered later)."""
+        self.supervisor.health.stacks(lambda stacks: answer({**self.status(), "stacks": stacks}))
 
     def _step(self) -> None:
         """One iteration: wait for a frame, an exit, a signal or the next timer; then act."""
@@ -345,6 +349,7 @@ class Coordinator:
         if supervise:  # the per-process checks, at most every SUPERVISE_S however busy the loop is
             self._next_supervise = now + SUPERVISE_S
             supervisor.check_job_timeouts(now)
+            supervisor.check_health(now)
             if self.hosts is not None:
                 self.hosts.tick(now)
         if self.state == "running":
@@ -410,10 +415,12 @@ class Coordinator:
             pool = self.run_cfg.target_of(self.run_cfg.pool(member.pool))  # type: ignore[arg-type]
             job = Job(self.ledger.new_job_id(), pool, 0, message[2], member.key)
             self.durable.invalid(pool, job.id, member.key)
-            self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message[1], origin=member.key)
+            self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message[1], origin=member.key, cause="error")
             self._dead_letter(job, message[1], None, attempts=0)
         elif kind == FATAL:
             member.fatal = (message[1], message[2])
+        elif kind == PROGRESS:
+            member.progress = (message[1], message[2], message[3])
 
     def _on_batch(self, member: Member, pool: str, n: int, blob: bytes) -> None:
         if pool not in self.consumers:
@@ -529,6 +536,15 @@ class Coordinator:
 
     def on_host_gone(self, name: str) -> None:
         self.supervisor.on_host_gone(name)
+
+    def on_stalled(self, member: Member, fields: list[Any]) -> None:
+        self.supervisor.health.on_remote_stall(member, fields)
+
+    def on_stack_dumps(self, host: str, request: int, dumps: Any) -> None:
+        self.supervisor.health.on_stack_dumps(host, request, dumps)
+
+    def on_heartbeat(self, host: RemoteHost, procs: Any) -> None:
+        self.supervisor.health.on_host_heartbeat(host.procs, procs)
 
     # -- reporting ---------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

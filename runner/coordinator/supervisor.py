@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from runner.backoff import backoff
 from runner.config import Config, ConsumerConfig
 from runner.coordinator.flow import PREFETCH, Flow
+from runner.coordinator.health import Health
 from runner.coordinator.ledger import Job, Ledger
 from runner.coordinator.locks import LockTable
 from runner.coordinator.members import LocalMember, Member, Restart
@@ -69,6 +70,7 @@ class Supervisor:
         #: a resumed run: producer key -> yields journaled, and the producers that had ended (never started again)
         self.resume_positions: dict[str, int] = {}
         self.resume_ended: set[str] = set()
+        self.health = Health(self)  #: stalls, memory limits, stacks
 
     # -- what each process runs ------------------------------------------------------------
     def pool_spec(self, pool: str) -> dict[str, Any]:
@@ -80,7 +82,8 @@ class Supervisor:
                 "task": cfg.task, "params": cfg.params}
         if pool in self.consumers:
             consumer = self.consumers[pool]
-            return {**spec, "emit_to": consumer.to, "job_timeout": consumer.job_timeout}
+            return {**spec, "emit_to": consumer.to, "job_timeout": consumer.job_timeout, "stall_timeout": consumer.stall_timeout,
+                    "stall_action": consumer.stall_action, "memory_limit": consumer.memory_limit, "max_rss": consumer.max_rss}
         return {**spec, "target": run.target_of(cfg)}  # type: ignore[arg-type]
 
     # -- starting --------------------------------------------------------------------------
@@ -212,6 +215,10 @@ class Supervisor:
 
         self.procs.kill_overdue(now, lambda pool: c.job_timeout if (c := self.consumers.get(pool)) else None, job_of)
 
+    def check_health(self, now: float) -> None:
+        """Stalls (job.stalled, with stacks), memory limits and max_rss recycling (health.py)."""
+        self.health.tick(now)
+
     def start_due_restarts(self, now: float) -> None:
         for item in [r for r in self.restarts if r.due <= now]:
             self.restarts.remove(item)
@@ -320,17 +327,18 @@ class Supervisor:
             self.on_producer_end(member, status, 0, f"producer process {ended.reason}", member.fatal[1] if member.fatal else None)
         if (ended.code == 0 or stopped_starting) and charged is None and not member.fatal:
             reason = member.stop_reason or ("done" if member.role == "producer" else "stopped")
-            self.log.info("worker.exited", **fields, code=ended.code, reason=reason, jobs=member.jobs_done, **requeued)
-            if reason == "recycled" and self.run.state == "running":
+            memory = {"rss": member.recycled_rss, "max_rss": self.consumers[member.pool].max_rss} if reason == "memory" else {}
+            self.log.info("worker.exited", **fields, code=ended.code, reason=reason, jobs=member.jobs_done, **requeued, **memory)
+            if reason in ("recycled", "memory") and self.run.state == "running":
                 self.start(member.pool, "consumer", member.index, member.restart + 1, member.host)
             return
         self.worker_stats[member.key]["crashes"] += 1
-        self.log.error("worker.crashed", **fields, code=ended.code, signal=ended.signal, reason=ended.reason,
+        self.log.error("worker.crashed", **fields, code=ended.code, signal=ended.signal, reason=ended.reason, cause=ended.cause,
                        job_id=charged.id if charged else None, **requeued, traceback=member.fatal[1] if member.fatal else None)
         if charged is not None:
             duration = round((now - job_started) * 1000, 3) if job_started else None
             self.run.job_failed(charged, f"worker {member.name} {ended.reason}", None, member, logged=False,
-                                extra={"pid": member.pid, "role": member.role, "duration_ms": duration, "cause": "crash"})
+                                extra={"pid": member.pid, "role": member.role, "duration_ms": duration, "cause": ended.cause})
         if member.role == "consumer" and self.run.state == "running" and not host_gone:
             self._restart_after_crash(member, charged is not None, ended, now)
 

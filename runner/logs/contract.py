@@ -17,6 +17,8 @@ EVENTS = frozenset({
     "run.crashed",
     # crash-safe runs (issue 11): a coordinator resumed the run from its journal; `runner retry` re-runs a dead job
     "run.resumed", "job.rerun",
+    # stuck jobs and memory limits (issue 12)
+    "job.stalled",
 })
 #: event namespaces that belong to the runner: a name in them that is not in EVENTS is unknown
 RESERVED_PREFIXES = ("run.", "worker.", "pool.", "producer.", "job.", "batch.", "queue.", "lock.", "host.", "protocol.", "report.")
@@ -31,6 +33,8 @@ NEEDS = {
     "job.dead": ("job_id",), "worker.started": ("worker",), "worker.crashed": ("worker",), "progress": ("done",),
     "run.finished": ("status",),
 }
+#: a job.failed `cause` meaning its process died under it (`crash`: written before causes were named)
+DIED = frozenset({"crash", "crashed", "timed_out", "stalled", "memory"})
 #: a run's log is <run_id>.jsonl; these side files beside it are not run logs
 LOG_SUFFIX = ".jsonl"
 SIDE_FILES = (".dead.jsonl", ".pending.jsonl")

@@ -7,6 +7,7 @@ from typing import IO, Any
 
 import orjson
 
+from runner.logs.contract import DIED
 from runner.logs.read import Damage, LogLine, checked, stamp_seconds
 
 
@@ -62,7 +63,7 @@ class Timeline:
             start = max(end - round(fields["duration_ms"] * 1000), self.tracks[key])
             self.tracks[key] = max(self.tracks[key], end)
             failed = event == "job.failed"
-            outcome = ("crashed" if fields.get("cause") == "crash" else "failed") if failed else "done"
+            outcome = ("crashed" if fields.get("cause") in DIED else "failed") if failed else "done"
             args = {"job_id": fields.get("job_id"), "attempt": fields.get("attempt"), "pool": fields.get("pool"),
                     "duration_ms": fields["duration_ms"], "outcome": outcome}
             if failed:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.logs.contract import DIED
 from runner.logs.read import LogLine
 
 
@@ -115,7 +116,7 @@ def _attempt(line: LogLine, crash: LogLine | None) -> Attempt:
     if line.event == "job.done":
         return Attempt(fields.get("attempt"), fields.get("worker"), fields.get("host"), fields.get("pid"), line.timestamp,
                        "done", fields.get("duration_ms"))
-    if fields.get("cause") == "crash":  # written by the coordinator for the dead process, with its details
+    if fields.get("cause") in DIED:  # written by the coordinator for the dead process, with its details
         return Attempt(fields.get("attempt"), fields.get("worker"), fields.get("host"), fields.get("pid"), line.timestamp,
                        "crashed", fields.get("duration_ms"), fields.get("error"))
     by_coordinator = fields.get("role") == "coordinator" and fields.get("duration_ms") is None

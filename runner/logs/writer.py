@@ -85,7 +85,7 @@ def human(line: dict[str, Any]) -> Text:
         who = f"{line['host']}/{who}"
     text.append(f"{who} ", style="magenta")
     for key, value in line.items():
-        if key in CONTEXT_KEYS or key in ("traceback", "pools", "workers") or value is None:
+        if key in CONTEXT_KEYS or key in ("traceback", "stack", "pools", "workers") or value is None:
             continue
         text.append(f"{key}=", style="dim")
         text.append(f"{value} ")

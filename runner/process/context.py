@@ -25,6 +25,8 @@ class TaskServices(Protocol):
 
     def emit(self, payload: Any, to: str | None) -> None: ...
 
+    def heartbeat(self, progress: dict[str, Any]) -> None: ...
+
 
 def import_task(ref: str, base_dir: str | None = None) -> Callable[..., Any]:
     """The function behind `module:function`; the config's folder is searched first."""
@@ -90,3 +92,9 @@ class Context:
     def emit(self, payload: Any, to: str | None = None) -> None:
         """Send a new job to consumer pool `to` (stage chaining); delivered only if this job succeeds."""
         self._services.emit(payload, to)
+
+    def heartbeat(self, **progress: Any) -> None:
+        """Say the job is alive (it resets the pool's `stall_timeout` clock), optionally with its progress
+        (`ctx.heartbeat(rows=1200, of=5000)`), shown by `runner status`. Cheap: call it as often as you like;
+        the progress reaches the coordinator at most once a second."""
+        self._services.heartbeat(progress)

@@ -3,7 +3,7 @@
 Starting it, its two pipes and its slot, reading it, reaping it the moment it exits, signalling it,
 and the one job-timeout check. This side knows processes, not jobs: what a process holds is the
 coordinator's ledger's business. It turns the operating system's view (sentinels, exit codes,
-signals) into plain facts: frames received, and `Exit(code, signal, reason)`.
+signals) into plain facts: frames received, and `Exit(code, signal, reason, cause)`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from typing import Any
 
 import zmq
 
+from runner.process import stacks
 from runner.process.loop import process_main
+from runner.process.memory import OomKills
 from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_SIZE, SLOT_STARTED, SLOT_TIMED
 from runner.wire.pipe import FrameReader, FrameSender
 
@@ -33,6 +35,8 @@ class Exit:
     code: int | None
     signal: str | None
     reason: str
+    #: why its job in hand failed, when the process died under it: crashed / timed_out / stalled / memory
+    cause: str = "crashed"
 
 
 @dataclass(eq=False)
@@ -47,9 +51,13 @@ class LocalProcess:
     inbox: FrameSender
     slot: Any
     pid: int | None
+    run_id: str = ""
     kill_reason: str | None = None  #: set when its parent signalled it with a reason (a kill)
     _seen: tuple[float, float] = (0.0, -1.0)  #: the (batch, index) last seen in the slot (per-batch timing)
     _seen_at: float = 0.0  #: when this parent first saw it there
+    kill_cause: str = "crashed"  #: what its job in hand is charged with when that kill ends it
+    rss: int | None = None  #: its resident set size at the last sample (bytes)
+    stall_mark: float = 0.0  #: when its current stall was last reported (time.monotonic())
 
     def running_job(self) -> tuple[int, int] | None:
         """(batch id, index) of the job this process is running now, read from its shared slot. Between two
@@ -123,13 +131,15 @@ def sigint_shielded() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def describe_exit(code: int | None) -> tuple[str | None, str]:
-    """Why a process ended, in words: 'killed by SIGKILL, possibly out of memory', 'exited with code 3'."""
+def describe_exit(code: int | None, oom: bool = False) -> tuple[str | None, str]:
+    """Why a process ended, in words: 'killed by SIGKILL, possibly out of memory', 'exited with code 3'.
+
+    `oom`: the cgroup's OOM-kill count rose meanwhile, so a SIGKILL was the kernel's OOM killer."""
     if code is None:
         return None, "still running"
     if code < 0:
         name = signal.Signals(-code).name
-        extra = ", possibly out of memory" if name == "SIGKILL" else ""
+        extra = (": out of memory" if oom else ", possibly out of memory") if name == "SIGKILL" else ""
         return name, f"killed by {name}{extra}"
     return None, f"exited with code {code}"
 
@@ -146,6 +156,7 @@ class LocalProcesses:
         self._by_sentinel: dict[int, LocalProcess] = {}
         self._by_outbox: dict[int, LocalProcess] = {}  #: inboxes with frames waiting for the pipe (watched for POLLOUT)
         self.poller = zmq.Poller()  #: pipes, sentinels and any socket or fd the owner registers
+        self.oom = OomKills()
 
     def start(self, name: str, pool: str, role: str, index: int, spec: dict[str, Any]) -> LocalProcess:
         reader, writer = self.mp.Pipe(duplex=False)
@@ -157,7 +168,8 @@ class LocalProcesses:
             process.start()
         writer.close()  # only the child writes: its death is the pipe's end
         inbox.close()  # only the child reads its inbox
-        proc = LocalProcess(name, pool, role, process, FrameReader(reader), FrameSender(inbox_writer), slot, process.pid)
+        proc = LocalProcess(name, pool, role, process, FrameReader(reader), FrameSender(inbox_writer), slot, process.pid,
+                            spec["run_id"])
         self.procs[name] = proc
         self._by_outbox[proc.inbox.fd] = proc
         self._by_fd[proc.reader.fd] = proc
@@ -188,9 +200,12 @@ class LocalProcesses:
         """Collect an ended process (no zombie stays behind), close its pipes, and say why it ended."""
         proc.process.join()
         code = proc.process.exitcode
-        sig, reason = describe_exit(code)
+        oom = code == -signal.SIGKILL and not proc.kill_reason and self.oom.rose()
+        sig, reason = describe_exit(code, oom)
+        cause = "memory" if oom else "crashed"
         if proc.kill_reason:
-            reason = proc.kill_reason
+            reason, cause = proc.kill_reason, proc.kill_cause
+        stacks.remove(proc.run_id, proc.pid)
         self._by_fd.pop(proc.reader.fd, None)
         self._by_sentinel.pop(proc.process.sentinel, None)
         self.poller.unregister(proc.reader.fd)
@@ -202,7 +217,7 @@ class LocalProcesses:
             self.poller.unregister(proc.inbox.fd)
         proc.inbox.close()
         proc.reader.close()
-        return Exit(code, sig, reason)
+        return Exit(code, sig, reason, cause)
 
     def send(self, proc: LocalProcess, frame: bytes) -> None:
         waiting = bool(proc.inbox.outbox)
@@ -213,9 +228,10 @@ class LocalProcesses:
         if not proc.inbox.flush():
             self.poller.unregister(proc.inbox.fd)
 
-    def signal(self, proc: LocalProcess, signum: int, reason: str | None = None) -> None:
+    def signal(self, proc: LocalProcess, signum: int, reason: str | None = None, cause: str = "crashed") -> None:
+        """Signal a process; a `reason` (the first one given) becomes its exit's reason, `cause` its job's."""
         if reason and not proc.kill_reason:
-            proc.kill_reason = reason
+            proc.kill_reason, proc.kill_cause = reason, cause
         try:
             if proc.pid:
                 os.kill(proc.pid, signum)
@@ -231,4 +247,4 @@ class LocalProcesses:
         for proc in list(self.procs.values()):
             limit = limit_of(proc.pool)
             if proc.overdue(now, limit):
-                self.signal(proc, signal.SIGKILL, f"{job_of(proc)} exceeded job_timeout {limit:g}s")
+                self.signal(proc, signal.SIGKILL, f"{job_of(proc)} exceeded job_timeout {limit:g}s", "timed_out")

@@ -24,8 +24,9 @@ from typing import Any
 import msgpack
 
 from runner import logs
+from runner.process import stacks
 from runner.process.context import Context, import_task
-from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_STARTED, SLOT_TIMED
+from runner.process.slot import SLOT_BATCH, SLOT_BEAT, SLOT_INDEX, SLOT_STARTED, SLOT_TIMED
 from runner.timing import time_bucket
 from runner.wire import messages as protocol
 from runner.wire.messages import (
@@ -39,6 +40,7 @@ from runner.wire.messages import (
     LOCK,
     LOG,
     MAX_FRAME,
+    PROGRESS,
     READY,
     REPORT,
     STOP,
@@ -71,6 +73,10 @@ def loggable(value: Any, depth: int = 0) -> Any:
     if depth < 32 and isinstance(value, dict):
         return {key if isinstance(key, str) else repr(key): loggable(item, depth + 1) for key, item in value.items()}
     return repr(value)
+#: ctx.heartbeat(**progress) sends its progress to the coordinator at most this often
+PROGRESS_EVERY_S = 1.0
+#: largest progress a heartbeat may carry (msgpack bytes)
+MAX_PROGRESS = 4096
 
 
 def _die_with_parent() -> None:
@@ -135,6 +141,10 @@ class ProcessLoop:
         signal.signal(signal.SIGTERM, self._on_term)
         _die_with_parent()
         spec = self.spec
+        try:
+            stacks.install(spec["run_id"])  # before READY: its parent only signals a ready process
+        except OSError:
+            pass  # no stack file (a full or read-only temp folder): stalls are reported without a stack
         self.log = logs.configure(
             spec["log_level"], self._log_sink, run_id=spec["run_id"], host=spec["host"], role=spec["role"], pool=spec["pool"], worker=spec["worker"]
         )
@@ -172,6 +182,9 @@ class ProcessLoop:
 
     def emit(self, payload: Any, to: str | None) -> None:
         raise RuntimeError("ctx.emit is for consumer tasks; a producer yields its jobs")
+
+    def heartbeat(self, progress: dict[str, Any]) -> None:
+        """A producer is never stalled (stall_timeout is a consumer pool's): nothing to note."""
 
 
 class ProducerLoop(ProcessLoop):
@@ -368,6 +381,25 @@ class ConsumerLoop(ProcessLoop):
         self.timed = True  #: time each job (see run_batch); off while jobs take microseconds
         self.packer = msgpack.Packer(use_bin_type=True)
         self.job_emit_bytes = 0  #: packed size of the running job's emits (a REPORT stays under the frame limit)
+        self.batch_id = 0
+        self.progress_sent = 0.0
+
+    def heartbeat(self, progress: dict[str, Any]) -> None:
+        """ctx.heartbeat: the cheap part is the slot (read by the stall check); the progress travels as a
+        PROGRESS message, at most every PROGRESS_EVERY_S (one given sooner is not sent: a later one replaces it)."""
+        now = time.monotonic()
+        self.slot[SLOT_BEAT] = now
+        if not progress:
+            return
+        try:
+            size = len(msgpack.packb(progress, use_bin_type=True))
+        except Exception as exc:
+            raise TypeError(f"ctx.heartbeat: progress must be msgpack-encodable: {type(exc).__name__}: {exc}") from None
+        if size > MAX_PROGRESS:
+            raise ValueError(f"ctx.heartbeat: progress is {size} bytes encoded, more than {MAX_PROGRESS}")
+        if now - self.progress_sent >= PROGRESS_EVERY_S:
+            self.progress_sent = now
+            self.send([PROGRESS, self.batch_id, int(self.slot[SLOT_INDEX]), progress])
 
     def emit(self, payload: Any, to: str | None) -> None:
         target = to or self.spec.get("emit_to")
@@ -430,7 +462,7 @@ class ConsumerLoop(ProcessLoop):
         hist: dict[int, int] = {}
         done = reported = 0
         batch_started = last_report = monotonic()
-        slot[SLOT_BATCH] = batch_id
+        slot[SLOT_BATCH] = self.batch_id = batch_id
         slot[SLOT_INDEX] = -1.0
         slot[SLOT_TIMED] = 1.0 if timed else 0.0
         slot[SLOT_STARTED] = batch_started
@@ -498,7 +530,7 @@ class ConsumerLoop(ProcessLoop):
                 took = round(seconds * 1000, 3) if timed else None
                 failures.append([index, error, trace, took])
                 if log_jobs != "none":
-                    ctx.log.warning("job.failed", duration_ms=took, error=error, traceback=trace)
+                    ctx.log.warning("job.failed", duration_ms=took, error=error, traceback=trace, cause="error")
             if finished - last_report > REPORT_EVERY_S and done < n:
                 if not timed:
                     self._untimed(hist, finished - last_report, done - reported)

@@ -8,12 +8,20 @@ through untouched (runner.wire.messages), so job batches are never re-encoded on
   [HELLO, name, pools, processes, pid, run]     [WELCOME, run_id, run_name, specs, heartbeat]
   [FWD, worker] + frame    (a process's frame)  [REFUSE, reason]
   [EXITED, worker, code, signal, reason,        [SPAWN, worker, pool, role, index, restart, spec]
-           running, fatal]                      [TO, worker] + frame     (into its inbox)
-  [HEARTBEAT]                                   [SIGNAL, worker, signum, reason]
+           running, fatal, cause]               [TO, worker] + frame     (into its inbox)
+  [HEARTBEAT, procs]                            [SIGNAL, worker, signum, reason]
   [BYE, reason]                                 [HEARTBEAT]
-                                                [RESET, reason]  (unknown session: join again)
-                                                [BYE, reason]    (the run is over)
-  control client -> coordinator: [STATUS] / [STOP_RUN]; reply: [REPLY, dict]
+  [STALLED, worker, running, running_s,         [RESET, reason]  (unknown session: join again)
+            silent_s, stall_timeout, action,    [BYE, reason]    (the run is over)
+            stack]                              [STACKS, request]  (send STACK_DUMPS for busy processes)
+  [STACK_DUMPS, request, dumps]
+  control client -> coordinator: [STATUS] / [STATUS, {"stacks": true}] / [STOP_RUN]; reply: [REPLY, dict]
+
+  EXITED's cause (crashed / timed_out / stalled / memory) is what the job in hand is charged with.
+  HEARTBEAT's procs: {worker: {"rss": bytes, "running": [batch_id, index] or None, "running_s": s}}.
+  STALLED: a job of `worker` ran stall_timeout without a heartbeat; `running` is [batch_id, index].
+  STACK_DUMPS' dumps: {worker: {"pid", "pool", "running", "running_s", "rss", "stack"}} (busy processes).
+  Fields added at the end are optional: a receiver reads what it knows and defaults the rest.
 
 Anything else (bad msgpack, wrong version, unknown kind, too many frames, oversized) raises
 ProtocolError; the receiver logs it with the peer and drops it.
@@ -41,7 +49,8 @@ from runner.wire.messages import MAX_FRAME
 
 PROTOCOL_VERSION = 1
 (HELLO, WELCOME, REFUSE, SPAWN, TO, SIGNAL, FWD, EXITED, HEARTBEAT, BYE, RESET, STATUS, STOP_RUN, REPLY) = range(101, 115)
-KINDS = frozenset(range(101, 115))
+STALLED, STACKS, STACK_DUMPS = range(115, 118)
+KINDS = frozenset(range(101, 118))
 #: messages queued per peer before ZeroMQ pushes back; bounded so a stalled peer cannot eat memory
 HWM = 10_000
 #: largest header frame (the msgpack array): jobs travel in the second frame, so a bigger header is an attack or a bug
@@ -231,17 +240,22 @@ def control_address(run_id: str) -> str:
     return f"ipc://{folder / run_id}.ctl"
 
 
-def request(address: str, kind: int, keys: WorkerKeys | None = None, timeout: float = 5.0) -> dict[str, Any]:
+def wants_stacks(kind: int, fields: list[Any]) -> bool:
+    """A STATUS request asking for stacks too (`runner status --stacks`)."""
+    return kind == STATUS and bool(fields) and isinstance(fields[0], dict) and bool(fields[0].get("stacks"))
+
+
+def request(address: str, kind: int, keys: WorkerKeys | None = None, timeout: float = 5.0, *fields: Any) -> dict[str, Any]:
     """One control request (status, stop) to a coordinator; the reply's dict."""
     context: zmq.Context[Any] = zmq.Context.instance()
     sock = connect_dealer(context, address, keys)
     try:
-        sock.send(header(kind))
+        sock.send(header(kind, *fields))
         if not sock.poll(int(timeout * 1000)):
             raise UsageError(f"no answer from the coordinator at {address} within {timeout:g}s")
-        reply_kind, fields, _ = parse(sock.recv_multipart())
+        reply_kind, answer, _ = parse(sock.recv_multipart())
         if reply_kind == REFUSE:
-            raise UsageError(f"the coordinator at {address} refused: {fields[0]}")
-        return fields[0]
+            raise UsageError(f"the coordinator at {address} refused: {answer[0]}")
+        return answer[0]
     finally:
         sock.close(0)

@@ -20,6 +20,7 @@ import zmq
 from runner.errors import ProtocolError, UsageError
 from runner.process.context import import_task
 from runner.process.handle import LocalProcess, LocalProcesses, warm_up
+from runner.sdnotify import Notifier
 from runner.wire import zeromq as wire
 
 
@@ -32,6 +33,7 @@ class AgentView(Protocol):
     stop_signal: int | None
     joined: bool
     say: Callable[[str], None]
+    notifier: Notifier
 
 #: how long to wait for the coordinator's answer to one HELLO
 HANDSHAKE_S = 3.0
@@ -113,6 +115,7 @@ class Session:
             self._report_exit(proc)
         self._drain()
         now = time.monotonic()
+        self.agent.notifier.watchdog(now)
         if now >= self.next_beat:
             self.next_beat = now + self.interval
             self._send(wire.HEARTBEAT)

@@ -35,15 +35,17 @@ from runner.coordinator.hosts import Hosts, RemoteHost
 from runner.coordinator.ledger import Job, Ledger
 from runner.coordinator.locks import LockTable
 from runner.coordinator.members import Member
+from runner.coordinator.monitor import Monitor
 from runner.coordinator.supervisor import Supervisor
 from runner.backoff import backoff
 from runner.display import Display
 from runner.errors import ExitCode, ProtocolError
 from runner.process.handle import Exit, warm_up
+from runner.sdnotify import Notifier
 from runner.timing import bucket_ms
 from runner.wire import messages
 from runner.wire import zeromq as wire
-from runner.wire.messages import BATCH, END, FATAL, GRANT, INVALID, LOCK, LOG, READY, REPORT
+from runner.wire.messages import BATCH, END, FATAL, GRANT, INVALID, LOCK, LOG, READY, REPORT, TOTAL
 
 #: supervision tick when nothing happens (job timeouts, idle processes, retries)
 TICK_S = 0.1
@@ -65,6 +67,15 @@ class Coordinator:
         log_dir = Path(run.logs.dir)
         self.log_path = log_dir / f"{self.run_id}.jsonl"
         self.display = display
+        self.end: dict[str, Any] | None = None  #: run.finished's fields, once the run is over
+        self.notifier = Notifier()  #: systemd Type=notify: READY=1, WATCHDOG=1 while the loop turns
+        serve = bool(run.metrics.listen or run.dashboard.listen)
+        self.monitor = Monitor(self.run_id, run, str(self.log_path), enabled=serve)  #: metrics and dashboard snapshots
+        self.web = None
+        if serve:  # bound now, so a taken port is a usage error before anything starts
+            from runner.coordinator.web import Web
+
+            self.web = Web(run, self.monitor, self.log_path)
         self.runlog = logs.RunLog(self.log_path, run.logs.level, display.console, display.tty)
         self.log = logs.configure(run.logs.level, self.runlog.write, run_id=self.run_id, role="coordinator", pool=None, worker="coordinator")
         self.files = RunFiles(log_dir, self.run_id, run.results)
@@ -111,6 +122,8 @@ class Coordinator:
         # them), so the signals always reach this thread; then unblock: one that came meanwhile is handled now.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         self._open_sockets()
+        if self.web is not None:
+            self.web.start()
         self.display.start(self.snapshot())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         self.log.info("run.started", name=run.name, config=self.config.path, start_method=run.start_method, pools=pools,
@@ -118,13 +131,27 @@ class Coordinator:
                       bind=self.bind, control=self.control_address)
         try:
             self.supervisor.start_all()
+            self.notifier.ready(f"run {self.run_id}")
             while self.state != "over":
                 self._step()
         finally:
             self.display.stop()
             signal.set_wakeup_fd(-1)
             self._close_sockets()
-        return self._finish()
+        code = self._finish()
+        self._after_run()
+        return code
+
+    def _after_run(self) -> None:
+        """The final snapshot; serve it `metrics.linger` seconds (a signal ends that early); close the HTTP side."""
+        self.notifier.stopping()
+        self.monitor.turn(self, time.monotonic(), over=True)
+        if self.web is not None:
+            try:
+                self.web.linger_for(lambda: bool(self.signals))
+            finally:
+                self.web.close()
+        self.notifier.close()
 
     def _open_sockets(self) -> None:
         """The control socket (status, stop) and, with --bind, the socket worker hosts join."""
@@ -241,6 +268,8 @@ class Coordinator:
             self._log_progress(now)
         if self.display.due(now):
             self.display.update(self.snapshot())
+        self.monitor.turn(self, now)
+        self.notifier.watchdog(now)
 
     # -- frames ------------------------------------------------------------------------------
     def _read(self, member: Member) -> None:
@@ -280,16 +309,20 @@ class Coordinator:
         elif kind == INVALID:
             pool = self.run_cfg.target_of(self.run_cfg.pool(member.pool))  # type: ignore[arg-type]
             job = Job(self.ledger.new_job_id(), pool, 0, message[2], member.key)
+            self.monitor.produced(member.pool, 1)
             self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message[1], origin=member.key)
             self._dead_letter(job, message[1], None, attempts=0)
         elif kind == FATAL:
             member.fatal = (message[1], message[2])
+        elif kind == TOTAL:
+            self.monitor.total(member, message[1])
 
     def _on_batch(self, member: Member, pool: str, n: int, blob: bytes) -> None:
         if pool not in self.consumers:
             self.log.error("protocol.error", peer=member.name, error=f"batch for unknown pool {pool!r}")
             return
         batch = self.ledger.add(pool, n, blob, member.key, credit_to=member.key)
+        self.monitor.produced(member.pool, n)
         self.flow.on_batch(member.key, pool, n)
         if self.run_cfg.logs.jobs == "all":
             for i in range(n):
@@ -322,6 +355,7 @@ class Coordinator:
             if pool in self.consumers:
                 self.flow.emits_to[batch.pool].add(pool)
                 emitted = self.ledger.add(pool, n, blob, member.key)
+                self.monitor.produced(batch.pool, n)
                 if self.run_cfg.logs.jobs == "all":
                     for i in range(n):
                         self.log.info("job.queued", pool=pool, job_id=emitted.first_id + i, origin=member.key)
@@ -347,6 +381,7 @@ class Coordinator:
         cfg = self.consumers[job.pool]
         stats = self.ledger.stats[job.pool]
         stats.failed += 1
+        self.monitor.failed(job, error, trace, member, extra)
         quiet = self.run_cfg.logs.jobs == "none"
         if not logged and not quiet:
             self.log.warning("job.failed", pool=job.pool, worker=member.name if member else None, host=member.host if member else None,
@@ -425,6 +460,7 @@ class Coordinator:
                **{k: counts[k] for k in ("produced", "done", "failed", "retried", "dead")}, "pending": len(pending),
                "error": self.failure, "pending_file": str(self.files.pending_path) if pending else None,
                "dead_file": str(self.files.dead_path) if counts["dead"] else None}
+        self.end = end
         level = "error" if status == "failed" else "info"
         getattr(self.log, level)("run.finished", **end, pools=pools, workers=self.supervisor.worker_stats)
         self.files.close()

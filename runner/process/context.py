@@ -25,6 +25,8 @@ class TaskServices(Protocol):
 
     def emit(self, payload: Any, to: str | None) -> None: ...
 
+    def total(self, n: int) -> None: ...
+
 
 def import_task(ref: str, base_dir: str | None = None) -> Callable[..., Any]:
     """The function behind `module:function`; the config's folder is searched first."""
@@ -88,3 +90,9 @@ class Context:
     def emit(self, payload: Any, to: str | None = None) -> None:
         """Send a new job to consumer pool `to` (stage chaining); delivered only if this job succeeds."""
         self._services.emit(payload, to)
+
+    def total(self, n: int) -> None:
+        """A producer declares how many jobs this process will yield in all, so the dashboard can show an ETA."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"ctx.total needs a whole number of jobs, not {n!r}")
+        self._services.total(n)

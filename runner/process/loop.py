@@ -40,6 +40,7 @@ from runner.wire.messages import (
     READY,
     REPORT,
     STOP,
+    TOTAL,
 )
 from runner.wire.pipe import FrameReceiver, FrameWriter
 
@@ -145,6 +146,11 @@ class ProcessLoop:
 
     def emit(self, payload: Any, to: str | None) -> None:
         raise RuntimeError("ctx.emit is for consumer tasks; a producer yields its jobs")
+
+    def total(self, n: int) -> None:
+        if self.spec["role"] != "producer":
+            raise RuntimeError("ctx.total is for producer tasks: it declares how many jobs the producer will yield")
+        self.send([TOTAL, n])
 
 
 class ProducerLoop(ProcessLoop):

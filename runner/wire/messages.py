@@ -16,6 +16,7 @@ Process -> coordinator (over the process's own pipe; see wire/pipe.py):
   [LOG, event_dict]                        a structlog event to write to the run's log
   [LOCK, op, name, request]                op: acquire / release a named run-wide lock
   [FATAL, error, traceback]                start-up failed (import error ...); exit follows
+  [TOTAL, n]                               a producer declares it will yield n jobs in all (ctx.total; for the ETA)
 
 Coordinator -> process (over the process's inbox pipe, the same frames):
   [JOBS, batch_id, first_id, n, ids, attempts, blob, origin]
@@ -34,8 +35,9 @@ import msgpack
 from runner.errors import ProtocolError
 
 READY, BATCH, INVALID, END, REPORT, LOG, LOCK, FATAL = range(1, 9)
+TOTAL = 9
 JOBS, CREDIT, GRANT, STOP = range(21, 25)
-KNOWN_KINDS = frozenset({READY, BATCH, INVALID, END, REPORT, LOG, LOCK, FATAL, JOBS, CREDIT, GRANT, STOP})
+KNOWN_KINDS = frozenset({READY, BATCH, INVALID, END, REPORT, LOG, LOCK, FATAL, TOTAL, JOBS, CREDIT, GRANT, STOP})
 
 #: largest frame accepted from any peer; a bigger one is a protocol error, not an allocation
 MAX_FRAME = 64 * 1024 * 1024

@@ -460,7 +460,7 @@ class Coordinator:
                **{k: counts[k] for k in ("produced", "done", "failed", "retried", "dead")}, "pending": len(pending),
                "error": self.failure, "pending_file": str(self.files.pending_path) if pending else None,
                "dead_file": str(self.files.dead_path) if counts["dead"] else None}
-        self.end = end
+        self.end = {**end, "pools": pools}
         level = "error" if status == "failed" else "info"
         getattr(self.log, level)("run.finished", **end, pools=pools, workers=self.supervisor.worker_stats)
         self.files.close()

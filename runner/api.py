@@ -70,7 +70,7 @@ def _load(config: Any, overrides: list[str] | None) -> Any:
     from runner.config import Config, RunConfig, config_from_data, load_config
 
     if isinstance(config, (str, os.PathLike)):
-        return load_config(config, overrides)
+        return load_config(Path(config), overrides)
     if isinstance(config, Config):
         data, source, base_dir = config.run.model_dump(), config.path, config.base_dir
     elif isinstance(config, RunConfig):

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from runner import logs
 from runner.coordinator.monitor import CAUSES, Monitor
@@ -45,7 +46,7 @@ def histogram(hist: dict[int, int], bounds: list[float]) -> tuple[list[tuple[str
         index = next((i for i, bound in enumerate(bounds) if upper_s <= bound), len(bounds))
         counts[index] += n
     cumulative, running = [], 0
-    for bound, n in zip([*(f"{b:g}" for b in bounds), "+Inf"], counts, strict=True):
+    for bound, n in zip([*(floatToGoString(b) for b in bounds), "+Inf"], counts, strict=True):
         running += n
         cumulative.append((bound, float(running)))
     return cumulative, total_s

@@ -123,6 +123,7 @@ class Coordinator:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         self._open_sockets()
         if self.web is not None:
+            self.monitor.turn(self, time.monotonic())  # a first snapshot: a scrape never finds none
             self.web.start()
         self.display.start(self.snapshot())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -45,6 +45,21 @@ TaskRef = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
 PoolName = Annotated[str, Field(pattern=r"^[A-Za-z][\w-]*$")]
 
 
+def parse_listen(value: Any) -> Any:
+    """`HOST:PORT` (port 0: any free port) for the metrics and dashboard HTTP server."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9464, found {value!r}")
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9464, found {value!r}")
+    return value
+
+
+Listen = Annotated[str, BeforeValidator(parse_listen)]
+#: runner_job_duration_seconds' default buckets (seconds)
+DEFAULT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -61,6 +76,7 @@ class ProducerConfig(_Model):
     to: str | None = None  #: target consumer pool; optional when there is only one
     params: dict[str, Any] = Field(default_factory=dict)
     resume: Literal["replay", "offset"] = "replay"  #: how a resumed run restarts it (README "Resuming a run")
+    total: int | None = Field(None, ge=0)  #: jobs the pool will yield in all (for the ETA); or ctx.total(n) in the task
 
 
 class ConsumerConfig(_Model):
@@ -131,6 +147,16 @@ class HeartbeatConfig(_Model):
     timeout: Duration = 5.0
 
 
+class MetricsConfig(_Model):
+    listen: Listen | None = None  #: serve /metrics and /healthz here, e.g. 127.0.0.1:9464 (as --metrics)
+    linger: Duration = 0.0  #: keep serving this long after the run ends, so the final counts get scraped
+    buckets: list[Duration] = Field(default_factory=lambda: list(DEFAULT_BUCKETS), min_length=1)  #: job-duration histogram
+
+
+class DashboardConfig(_Model):
+    listen: Listen | None = None  #: serve the dashboard here, e.g. 127.0.0.1:8080 (as --dashboard); may equal metrics.listen
+
+
 class RunConfig(_Model):
     name: PoolName
     queue: QueueConfig = Field(default_factory=QueueConfig)
@@ -143,6 +169,8 @@ class RunConfig(_Model):
     start_method: Literal["fork", "spawn", "forkserver"] = "forkserver"
     transport: TransportConfig = Field(default_factory=TransportConfig)
     heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
 
     def problems(self) -> list[tuple[tuple[Any, ...], str]]:
         """Mistakes that span fields: (location, message), located where a person would fix them."""
@@ -213,6 +241,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(_yaml_error(path, exc)) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: the config must be a mapping of keys (name, producers, consumers, ...)")
+    return config_from_data(data, overrides, path, str(path.resolve().parent), root)
+
+
+def config_from_data(data: dict[str, Any], overrides: list[str] | None, path: str | Path, base_dir: str, root: Any = None) -> Config:
+    """Override and validate a config already read (a YAML file's, or a dict given to `runner.run`).
+
+    `path` names it in messages; `root` is its YAML node tree, for line numbers (None: no lines)."""
+    path = Path(path)
     for override in overrides or []:
         _apply_override(data, override)
     try:
@@ -223,22 +259,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if problems:
         errors = [{"loc": loc, "type": "value_error", "msg": message, "input": None} for loc, message in problems]
         raise ConfigError(_schema_errors(path, root, data, errors))
-    return Config(run=run, path=str(path), base_dir=str(path.resolve().parent))
+    return Config(run=run, path=str(path), base_dir=base_dir)
 
 
-def config_from_data(data: dict[str, Any], overrides: list[str] | None, path: str, base_dir: str) -> Config:
-    """A config from data already parsed (a journal's header), with `--set` overrides; ConfigError as load_config."""
-    for override in overrides or []:
-        _apply_override(data, override)
+def with_listen(config: Config, metrics: str | None, dashboard: str | None) -> Config:
+    """The config with `--metrics` / `--dashboard` put in metrics.listen / dashboard.listen (flags win over the file)."""
+    updates: dict[str, Any] = {}
+    run = config.run
     try:
-        run = RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_schema_errors(Path(path), None, data, exc.errors())) from exc
-    problems = run.problems()
-    if problems:
-        errors = [{"loc": loc, "type": "value_error", "msg": message, "input": None} for loc, message in problems]
-        raise ConfigError(_schema_errors(Path(path), None, data, errors))
-    return Config(run=run, path=path, base_dir=base_dir)
+        if metrics is not None:
+            updates["metrics"] = run.metrics.model_copy(update={"listen": parse_listen(metrics)})
+        if dashboard is not None:
+            updates["dashboard"] = run.dashboard.model_copy(update={"listen": parse_listen(dashboard)})
+    except ValueError as exc:
+        flag = "--metrics" if "metrics" not in updates and metrics is not None else "--dashboard"
+        raise ConfigError(f"{flag}: {exc}") from exc
+    if not updates:
+        return config
+    return config.model_copy(update={"run": run.model_copy(update=updates)})
 
 
 def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:

@@ -22,6 +22,7 @@ from runner import logs
 from runner.agent.session import HANDSHAKE_S, Session, SessionEnded
 from runner.backoff import backoff
 from runner.errors import ExitCode, ProtocolError
+from runner.sdnotify import Notifier
 from runner.wire import zeromq as wire
 
 #: reconnect delays: 0.1 s doubling to 5 s, with jitter
@@ -43,6 +44,7 @@ class Agent:
         self.extra_path = extra_path
         self.stop_signal: int | None = None
         self.joined = False
+        self.notifier = Notifier()  #: systemd Type=notify: READY=1 once started, WATCHDOG=1 while a loop turns
         # ZeroMQ's threads must not take our signals: they start with SIGINT/SIGTERM blocked (run() unblocks)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         self.context = zmq.Context()
@@ -51,6 +53,7 @@ class Agent:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        self.notifier.ready(f"joining {self.address}")
         try:
             return self._sessions()
         except Exception as exc:  # the agent itself failed: its session killed its processes; say so and leave
@@ -58,6 +61,8 @@ class Agent:
                      f"the coordinator runs their jobs again elsewhere. Traceback:\n{traceback.format_exc()}")
             return ExitCode.CRASHED
         finally:
+            self.notifier.stopping()
+            self.notifier.close()
             for child in multiprocessing.active_children():  # nothing may reach interpreter exit alive (it would join it)
                 child.kill()
                 child.join(2)
@@ -115,6 +120,7 @@ class Agent:
     def _pause(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and self.stop_signal is None:
+            self.notifier.watchdog()
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         return self.stop_signal is not None
 
@@ -134,6 +140,7 @@ class Agent:
         while time.monotonic() < deadline:
             if self.stop_signal is not None:
                 raise SessionEnded("stopped")
+            self.notifier.watchdog()
             if sock.poll(100):
                 try:
                     kind, fields, _ = wire.parse(sock.recv_multipart())

@@ -22,6 +22,7 @@ from runner.errors import ProtocolError, UsageError
 from runner.process.context import import_task
 from runner.process.handle import LocalProcess, LocalProcesses, warm_up
 from runner.process.watch import Stall, Watch
+from runner.sdnotify import Notifier
 from runner.wire import zeromq as wire
 
 
@@ -34,6 +35,7 @@ class AgentView(Protocol):
     stop_signal: int | None
     joined: bool
     say: Callable[[str], None]
+    notifier: Notifier
 
 #: how long to wait for the coordinator's answer to one HELLO
 HANDSHAKE_S = 3.0
@@ -119,6 +121,7 @@ class Session:
             self._report_exit(proc)
         self._drain()
         now = time.monotonic()
+        self.agent.notifier.watchdog(now)
         if now >= self.next_beat:
             self.next_beat = now + self.interval
             self._send(wire.HEARTBEAT, self._procs_report(now))

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from runner import __version__
-from runner.config import Config, load_config
+from runner.config import Config, load_config, with_listen
 from runner.console import QuietConsole, guard
 from runner.errors import ExitCode, RunnerError, UsageError
 from runner.process.context import import_task
@@ -87,6 +87,8 @@ def start(
     keys: Optional[Path] = StartKeysOption,
     insecure: bool = InsecureOption,
     resume: bool = typer.Option(False, "--resume", help="Resume the newest unfinished run of this config's name, if there is one; else start."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Serve Prometheus /metrics and /healthz at HOST:PORT (or metrics.listen)."),
+    dashboard: Optional[str] = typer.Option(None, "--dashboard", help="Serve the live dashboard at HOST:PORT (or dashboard.listen; may equal --metrics)."),
 ) -> None:
     """Run a config to the end: producers, consumers, retries, logs. Exit 0 all done, 1 failures, 2 usage, 130/143 stopped."""
     import signal
@@ -94,7 +96,7 @@ def start(
     # A signal before the coordinator's handlers exist waits for them (Coordinator.run unblocks).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        cfg = load_config(config, set_)
+        cfg = with_listen(load_config(config, set_), metrics, dashboard)
         state = None
         if resume:
             from runner.cli.resume import resumable
@@ -132,6 +134,10 @@ def _launch(cfg: Config, bind: Optional[str], keys: Optional[Path], insecure: bo
     with guard(sys.stdout):  # `| head -1` may close stdout at once: the run goes on regardless
         typer.echo(f"run: {coordinator.run_id}")
         typer.echo(f"log: {coordinator.log_path}")
+        if coordinator.web is not None:
+            for what, url in (("metrics", coordinator.web.metrics_url), ("dashboard", coordinator.web.dashboard_url)):
+                if url:
+                    typer.echo(f"{what}: {url}")
         sys.stdout.flush()
     code = coordinator.run()
     raise typer.Exit(int(code))
@@ -305,12 +311,15 @@ def status(
     except RunnerError as exc:
         _fail(exc)
         return
+    dashboard = None if connect else _dashboard_url(reply.get("run_id", ""))
     if as_json:
-        typer.echo(json.dumps(reply, indent=2))
+        typer.echo(json.dumps({**reply, **({"dashboard": dashboard} if dashboard else {})}, indent=2))
         return
     out = Console(highlight=False)
     counts = reply["counts"]
     out.print(f"run {reply['run_id']} ({reply['state']}), {reply['elapsed_s']:.1f}s, {reply['rate']:,.0f} jobs/s")
+    if dashboard:
+        out.print(f"  dashboard: {dashboard}", soft_wrap=True)
     out.print("  " + "  ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items()))
     for host, info in reply["hosts"].items():
         seen = f", last heard {info['last_seen_s']:.1f}s ago" if "last_seen_s" in info else ""
@@ -351,6 +360,17 @@ def _print_stacks(out: Console, entries: list[dict[str, Any]]) -> None:
         pid = f" (pid {entry['pid']})" if entry.get("pid") else ""
         out.print(f"\n{who}{pid}: {_job_text(entry) or 'a job'}", markup=False, soft_wrap=True)
         out.print(entry.get("stack") or "(no stack)", markup=False, soft_wrap=True, highlight=False)
+
+
+def _dashboard_url(run_id: str) -> Optional[str]:
+    """The dashboard's URL with its token, from the run's private control folder (only its user can read it)."""
+    from runner.wire import zeromq as wire
+
+    path = Path(wire.control_address(run_id).removeprefix("ipc://")).with_suffix(".dashboard")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 @app.command()

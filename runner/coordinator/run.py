@@ -46,15 +46,17 @@ from runner.coordinator.hosts import Hosts, RemoteHost
 from runner.coordinator.ledger import Job, Ledger
 from runner.coordinator.locks import LockTable
 from runner.coordinator.members import Member
+from runner.coordinator.monitor import Monitor
 from runner.coordinator.resume import JournalState
 from runner.coordinator.supervisor import Supervisor
 from runner.display import Display
 from runner.errors import ExitCode, ProtocolError, UsageError
 from runner.process.handle import Exit, warm_up
+from runner.sdnotify import Notifier
 from runner.timing import bucket_ms
 from runner.wire import messages
 from runner.wire import zeromq as wire
-from runner.wire.messages import BATCH, END, FATAL, GRANT, INVALID, LOCK, LOG, PROGRESS, READY, REPORT
+from runner.wire.messages import BATCH, END, FATAL, GRANT, INVALID, LOCK, LOG, PROGRESS, READY, REPORT, TOTAL
 
 #: supervision tick when nothing happens (job timeouts, idle processes, retries)
 TICK_S = 0.1
@@ -94,6 +96,15 @@ class Coordinator:
         self.files = RunFiles(log_dir, self.run_id, run.results_path(self.run_id),
                               truncate=(resume.results_offset, resume.dead_offset or 0) if resume is not None else None)
         self.durable = RunJournal(journal, self.files)
+        self.end: dict[str, Any] | None = None  #: run.finished's fields, once the run is over
+        self.notifier = Notifier()  #: systemd Type=notify: READY=1, WATCHDOG=1 while the loop turns
+        serve = bool(run.metrics.listen or run.dashboard.listen)
+        self.monitor = Monitor(self.run_id, run, str(self.log_path), enabled=serve)  #: metrics and dashboard snapshots
+        self.web = None
+        if serve:  # bound now, so a taken port is a usage error before anything starts
+            from runner.coordinator.web import Web
+
+            self.web = Web(run, self.monitor, self.log_path)
         self.runlog = logs.RunLog(self.log_path, run.logs.level, display.console, display.tty)
         self.log = logs.configure(run.logs.level, self.runlog.write, run_id=self.run_id, role="coordinator", pool=None, worker="coordinator")
         self.host = logs.HOST
@@ -149,6 +160,9 @@ class Coordinator:
             self.runlog.close()
             raise UsageError(f"cannot open the run's sockets (control socket {self.control_address}"
                              f"{', bind ' + self.bind if self.bind else ''}): {exc}") from exc
+        if self.web is not None:
+            self.monitor.turn(self, time.monotonic())  # a first snapshot: a scrape never finds none
+            self.web.start()
         self.display.start(self.snapshot())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         started = {"name": run.name, "config": self.config.path, "start_method": run.start_method, "pools": pools,
@@ -161,6 +175,7 @@ class Coordinator:
                 self.log.info("run.started", **started, journal=str(self.durable.journal.path) if self.durable.journal else None)
             self.durable.start(os.getpid())
             self.supervisor.start_all()
+            self.notifier.ready(f"run {self.run_id}")
             while self.state != "over":
                 self._step()
         except BaseException as exc:  # the fail-safe: whatever it is, stop cleanly and say so
@@ -170,13 +185,26 @@ class Coordinator:
             signal.set_wakeup_fd(-1)
             self._safely(self._close_sockets)
         try:
-            return self._finish()
+            code = self._finish()
         except BaseException as exc:  # the end itself failed: still exit 3, never a traceback
             _say_stderr(f"error: the runner failed while ending run {self.run_id}: {type(exc).__name__}: {exc}")
-            return ExitCode.CRASHED
+            code = ExitCode.CRASHED
         finally:
             kill_children(self._child_pids())
-            self.watchdog.disarm()
+        self._safely(self._after_run)
+        self.watchdog.disarm()
+        return code
+
+    def _after_run(self) -> None:
+        """The final snapshot; serve it `metrics.linger` seconds (a signal ends that early); close the HTTP side."""
+        self.notifier.stopping()
+        self.monitor.turn(self, time.monotonic(), over=True)
+        if self.web is not None:
+            try:
+                self.web.linger_for(lambda: bool(self.signals))
+            finally:
+                self.web.close()
+        self.notifier.close()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         """Only queue it for the loop, and arm the watchdog: whatever the loop does, the process ends in time."""
@@ -373,6 +401,8 @@ class Coordinator:
         if self.display.due(now):
             self.display.update(self.snapshot())
         self.durable.tick(now)
+        self.monitor.turn(self, now)
+        self.notifier.watchdog(now)
 
     # -- frames ------------------------------------------------------------------------------
     def _read(self, member: Member) -> None:
@@ -415,12 +445,15 @@ class Coordinator:
             pool = self.run_cfg.target_of(self.run_cfg.pool(member.pool))  # type: ignore[arg-type]
             job = Job(self.ledger.new_job_id(), pool, 0, message[2], member.key)
             self.durable.invalid(pool, job.id, member.key)
+            self.monitor.produced(member.pool, 1)
             self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message[1], origin=member.key, cause="error")
             self._dead_letter(job, message[1], None, attempts=0)
         elif kind == FATAL:
             member.fatal = (message[1], message[2])
         elif kind == PROGRESS:
             member.progress = (message[1], message[2], message[3])
+        elif kind == TOTAL:
+            self.monitor.total(member, message[1])
 
     def _on_batch(self, member: Member, pool: str, n: int, blob: bytes) -> None:
         if pool not in self.consumers:
@@ -428,6 +461,7 @@ class Coordinator:
             return
         batch = self.ledger.add(pool, n, blob, member.key, credit_to=member.key)
         self.durable.jobs(batch, member.key)
+        self.monitor.produced(member.pool, n)
         self.flow.on_batch(member.key, pool, n)
         if self.run_cfg.logs.jobs == "all":
             for i in range(n):
@@ -462,6 +496,7 @@ class Coordinator:
                 self.flow.emits_to[batch.pool].add(pool)
                 emitted = self.ledger.add(pool, n, blob, member.key)
                 self.durable.jobs(emitted, None)
+                self.monitor.produced(batch.pool, n)
                 if self.run_cfg.logs.jobs == "all":
                     for i in range(n):
                         self.log.info("job.queued", pool=pool, job_id=emitted.first_id + i, origin=member.key)
@@ -487,6 +522,7 @@ class Coordinator:
         cfg = self.consumers[job.pool]
         stats = self.ledger.stats[job.pool]
         stats.failed += 1
+        self.monitor.failed(job, error, trace, member, extra)
         quiet = self.run_cfg.logs.jobs == "none"
         if not logged and not quiet:
             self.log.warning("job.failed", pool=job.pool, worker=member.name if member else None, host=member.host if member else None,
@@ -589,6 +625,7 @@ class Coordinator:
                **{k: counts[k] for k in ("produced", "done", "failed", "retried", "dead")}, "pending": len(pending),
                "error": self.crash or self.failure, "pending_file": str(self.files.pending_path) if pending else None,
                "dead_file": str(self.files.dead_path) if counts["dead"] else None}
+        self.end = {**end, "pools": pools}
         level = "error" if status in ("failed", "crashed") else "info"
         self._safely(self.durable.finish, status)  # before run.finished: a reader that sees the line finds the run's lock released
         self._safely(lambda: getattr(self.log, level)("run.finished", **end, pools=pools, workers=self.supervisor.worker_stats))

@@ -26,6 +26,7 @@ class TaskServices(Protocol):
     def emit(self, payload: Any, to: str | None) -> None: ...
 
     def heartbeat(self, progress: dict[str, Any]) -> None: ...
+    def total(self, n: int) -> None: ...
 
 
 def import_task(ref: str, base_dir: str | None = None) -> Callable[..., Any]:
@@ -98,3 +99,9 @@ class Context:
         (`ctx.heartbeat(rows=1200, of=5000)`), shown by `runner status`. Cheap: call it as often as you like;
         the progress reaches the coordinator at most once a second."""
         self._services.heartbeat(progress)
+
+    def total(self, n: int) -> None:
+        """A producer declares how many jobs this process will yield in all, so the dashboard can show an ETA."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"ctx.total needs a whole number of jobs, not {n!r}")
+        self._services.total(n)

@@ -44,6 +44,7 @@ from runner.wire.messages import (
     READY,
     REPORT,
     STOP,
+    TOTAL,
 )
 from runner.wire.pipe import FrameReceiver, FrameWriter
 
@@ -185,6 +186,11 @@ class ProcessLoop:
 
     def heartbeat(self, progress: dict[str, Any]) -> None:
         """A producer is never stalled (stall_timeout is a consumer pool's): nothing to note."""
+
+    def total(self, n: int) -> None:
+        if self.spec["role"] != "producer":
+            raise RuntimeError("ctx.total is for producer tasks: it declares how many jobs the producer will yield")
+        self.send([TOTAL, n])
 
 
 class ProducerLoop(ProcessLoop):

@@ -18,6 +18,7 @@ Process -> coordinator (over the process's own pipe; see wire/pipe.py):
   [FATAL, error, traceback]                start-up failed (import error ...); exit follows
   [PROGRESS, batch_id, index, progress]    ctx.heartbeat(**progress) of the job at `index` of batch `batch_id`
                                            (a dict; at most one a second per process)
+  [TOTAL, n]                               a producer declares it will yield n jobs in all (ctx.total; for the ETA)
 
 Coordinator -> process (over the process's inbox pipe, the same frames):
   [JOBS, batch_id, first_id, n, ids, attempts, blob, origin]
@@ -35,9 +36,9 @@ import msgpack
 
 from runner.errors import ProtocolError
 
-READY, BATCH, INVALID, END, REPORT, LOG, LOCK, FATAL, PROGRESS = range(1, 10)
+READY, BATCH, INVALID, END, REPORT, LOG, LOCK, FATAL, PROGRESS, TOTAL = range(1, 11)
 JOBS, CREDIT, GRANT, STOP = range(21, 25)
-KNOWN_KINDS = frozenset({READY, BATCH, INVALID, END, REPORT, LOG, LOCK, FATAL, PROGRESS, JOBS, CREDIT, GRANT, STOP})
+KNOWN_KINDS = frozenset({READY, BATCH, INVALID, END, REPORT, LOG, LOCK, FATAL, PROGRESS, TOTAL, JOBS, CREDIT, GRANT, STOP})
 
 #: largest frame accepted from any peer; a bigger one is a protocol error, not an allocation
 MAX_FRAME = 64 * 1024 * 1024

@@ -28,6 +28,8 @@ EVENTS = frozenset({
     "producer.finished", "producer.failed", "job.queued", "batch.sent", "job.done", "job.failed", "job.retried", "job.dead",
     "queue.full", "progress", "lock.broken", "protocol.error", "report.stale",
     "host.joined", "host.lost", "host.left", "host.refused",
+    # the fail-safe coordinator (issue 10)
+    "run.crashed",
 })
 #: event namespaces that belong to the runner: a name in them that is not in EVENTS is unknown
 RESERVED_PREFIXES = ("run.", "worker.", "pool.", "producer.", "job.", "batch.", "queue.", "lock.", "host.", "protocol.", "report.")

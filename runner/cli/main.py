@@ -114,7 +114,11 @@ def start(
         typer.echo(f"run: {coordinator.run_id}")
         typer.echo(f"log: {coordinator.log_path}")
         sys.stdout.flush()
-    code = coordinator.run()
+    try:
+        code = coordinator.run()
+    except RunnerError as exc:  # its sockets could not be opened: nothing was started
+        _fail(exc)
+        return
     raise typer.Exit(int(code))
 
 

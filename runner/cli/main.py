@@ -139,7 +139,11 @@ def _launch(cfg: Config, bind: Optional[str], keys: Optional[Path], insecure: bo
                 if url:
                     typer.echo(f"{what}: {url}")
         sys.stdout.flush()
-    code = coordinator.run()
+    try:
+        code = coordinator.run()
+    except RunnerError as exc:  # its sockets could not be opened: nothing was started
+        _fail(exc)
+        return
     raise typer.Exit(int(code))
 
 

@@ -255,7 +255,7 @@ def test_resume_with_a_worker_host_that_reconnects(folder: Path) -> None:
     worker = Command(folder, "worker", [sys.executable, "-m", "runner", "worker", "--connect", address, "--insecure",
                                         "--give-up", "60", "--path", str(folder)])
     try:
-        run_id = wait_for(lambda: (folder / "logs").exists() and list((folder / "logs").glob("*.journal")), what="journal")[0]
+        run_id = wait_for(lambda: (folder / "logs").exists() and list((folder / "logs").glob("*.journal")), timeout=180, what="journal")[0]
         run_id = run_id.name.removesuffix(".journal")
         wait_for(lambda: log_has(folder, run_id, "host.joined"), timeout=180, what="the worker host to join")
         kill_coordinator_at(folder, run.process, 500)

@@ -130,6 +130,17 @@ def read_frames(path: Path, start: int = 0) -> Iterator[tuple[int, Any]]:
                 return
 
 
+def frame_at(handle: Any, start: int, end: int) -> Any:
+    """The body of the frame at [start, end) of an open journal (a frame read_frames found good)."""
+    handle.seek(start)
+    data = handle.read(end - start)
+    length, crc = _PREFIX.unpack_from(data)
+    body = data[_PREFIX.size:]
+    if len(body) != length or zlib.crc32(body) != crc:
+        raise ValueError(f"journal frame at {start} changed since it was read")
+    return msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True)
+
+
 class Journal:
     """The writer: records gathered by the loop, committed as one frame every `sync` interval.
 

@@ -59,6 +59,8 @@ class JournalState:
     ended: dict[str, str] = field(default_factory=dict)  #: producer key -> end status
     finished: str | None = None  #: the last coordinator's end status (None: it died without one)
     starts: int = 0
+    #: (start, end, lowest id, highest id) of each frame holding jobs: pass two reads only frames with unsettled ones
+    frames: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     # -- pass one ---------------------------------------------------------------------------
     def _mark(self, first: int, n: int) -> None:
@@ -142,29 +144,33 @@ class JournalState:
     # -- pass two ---------------------------------------------------------------------------
     def unsettled(self, only: set[int] | None = None) -> Iterator[Unsettled]:
         """The jobs not settled (or the ids in `only`), group by group, reading the journal again."""
-        settled = self.settled
-        for end, body in J.read_frames(self.path):
-            if end > self.good_end:
-                return
-            if body[0] != J.COMMIT:
-                continue
-            for record in body[1]:
-                if record[0] != J.JOBS:
+        with open(self.path, "rb") as handle:
+            for start, end, low, high in self.frames:
+                if only is None and self.settled.find(0, low, high + 1) < 0:
+                    continue  # every job of this frame is settled: not even read
+                if only is not None and not any(low <= job_id <= high for job_id in only):
                     continue
-                _, pool, first, n, blob, origin, _position = record
-                if only is None:
-                    if settled.find(0, first, first + n) < 0:
-                        continue
-                    wanted = [i for i in range(n) if not settled[first + i]]
-                else:
-                    wanted = [i for i in range(n) if first + i in only]
-                    if not wanted:
-                        continue
-                ids = [first + i for i in wanted]
-                if len(wanted) < n:
-                    payloads = protocol.unpack_blob(blob, n)
-                    blob = protocol.repack([payloads[i] for i in wanted])
-                yield Unsettled(pool, origin, ids, [self.attempts.get(job_id, 1) for job_id in ids], blob)
+                yield from self._unsettled_in(J.frame_at(handle, start, end), only)
+
+    def _unsettled_in(self, body: list[Any], only: set[int] | None) -> Iterator[Unsettled]:
+        settled = self.settled
+        for record in body[1]:
+            if record[0] != J.JOBS:
+                continue
+            _, pool, first, n, blob, origin, _position = record
+            if only is None:
+                if settled.find(0, first, first + n) < 0:
+                    continue
+                wanted = [i for i in range(n) if not settled[first + i]]
+            else:
+                wanted = [i for i in range(n) if first + i in only]
+                if not wanted:
+                    continue
+            ids = [first + i for i in wanted]
+            if len(wanted) < n:
+                payloads = protocol.unpack_blob(blob, n)
+                blob = protocol.repack([payloads[i] for i in wanted])
+            yield Unsettled(pool, origin, ids, [self.attempts.get(job_id, 1) for job_id in ids], blob)
 
 
 def load(path: Path) -> JournalState:
@@ -172,7 +178,13 @@ def load(path: Path) -> JournalState:
     state = JournalState(path)
     if not path.exists():
         raise UsageError(f"no journal {path} (was the run started with `journal: false`?)")
+    start = 0
     for end, body in J.read_frames(path):
+        if body[0] == J.COMMIT:
+            ids = [(record[2], record[2] + record[3] - 1) for record in body[1] if record[0] == J.JOBS]
+            if ids:
+                state.frames.append((start, end, min(low for low, _ in ids), max(high for _, high in ids)))
+        start = end
         if body[0] == J.HEADER:
             _, _version, state.run_id, state.name, state.config, state.config_hash, state.config_path, state.base_dir = body[:8]
         elif body[0] == J.COMMIT:

@@ -263,6 +263,7 @@ class Coordinator:
     def _restore(self, state: JournalState, started: dict[str, Any]) -> None:
         """A resumed run (or a retry): the journal's unsettled jobs queued again, the producers that had not
         ended told where to start, the counts so far restored; then `run.resumed`."""
+        pools = {job_id: pool for job_id, (pool, _) in state.dead.items()}
         summary = restore(state, self.ledger, self.supervisor, self.run_cfg, self.rerun)
         self.attempt_base = dict(state.rerun_base)
         if self.rerun is not None:
@@ -274,7 +275,7 @@ class Coordinator:
         self.log.info("run.resumed", **started, **summary)
         if self.rerun is not None:
             for job_id, previous in sorted(self.rerun.items()):
-                self.log.info("job.rerun", pool=state.dead.get(job_id, ("?", 0))[0], job_id=job_id, previous_attempts=previous)
+                self.log.info("job.rerun", pool=pools.get(job_id), job_id=job_id, previous_attempts=previous)
 
     def _open_sockets(self) -> None:
         """The control socket (status, stop) and, with --bind, the socket worker hosts join."""

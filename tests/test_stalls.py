@@ -138,6 +138,10 @@ def test_stall_action_kill_retries_the_job_charged_as_stalled(tmp_path: Path) ->
     assert crashed[0]["cause"] == "stalled" and crashed[0]["signal"] == "SIGKILL" and crashed[0]["job_id"] == 3
     assert [r["result"]["attempt"] for r in run.results() if r["result"]["i"] == 2] == [2]
     assert_each_once(run.results(), range(6))
+    traced = runner_cli("logs", "trace", "3", "--logs", "logs", cwd=tmp_path)
+    assert traced.returncode == 0, traced.stderr
+    assert "stalled" in traced.stdout and "in sleep_until_released" in traced.stdout, traced.stdout
+    assert "crashed: worker work-1 killed: stalled" in traced.stdout, traced.stdout
 
 
 def test_status_stacks_shows_the_busy_process_and_its_progress(tmp_path: Path) -> None:

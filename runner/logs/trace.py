@@ -94,6 +94,11 @@ def trace(lines: Iterable[LogLine], job_id: int, max_steps: int = 10_000) -> Job
             step(line, what, detail + (f": {attempt.error}" if attempt.error else ""))
             if attempt.outcome == "done":
                 result.outcome = "done"
+        elif event == "job.stalled":
+            frame = next((f.strip() for f in str(fields.get("stack") or "").splitlines() if f.startswith("  File ")), None)
+            step(line, "stalled", f"{_where(fields.get('worker'), fields.get('host'), fields.get('pid'))}: no heartbeat for "
+                                  f"{fields.get('silent_s')}s (stall_timeout {fields.get('stall_timeout')}s, {fields.get('action')})"
+                                  + (f", at {frame}" if frame else ""))
         elif event == "job.retried":
             delay = fields.get("delay_ms")
             step(line, "retried", f"attempt {fields.get('attempt')} scheduled" + (f" in {delay} ms" if delay is not None else ""))

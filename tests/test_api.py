@@ -15,6 +15,8 @@ import runner
 from runner.errors import ConfigError, TaskImportError, UsageError
 from tests.conftest import ROOT, runner_cli
 
+pytestmark = pytest.mark.timeout(300)  # real runs on a busy 2-core machine
+
 #: one script, as a user would write it: tasks defined in it, runner.run behind the __main__ guard
 SCRIPT = '''
 import json

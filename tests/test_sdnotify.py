@@ -12,6 +12,8 @@ import pytest
 from runner.sdnotify import Notifier
 from tests.conftest import TASK_HELPERS, free_port, start_host_run, start_worker, wait_for
 
+pytestmark = pytest.mark.timeout(300)  # real runs on a busy 2-core machine
+
 TASKS = TASK_HELPERS + '''
 def produce(ctx, n=6):
     for i in range(n):

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -89,6 +88,7 @@ def main() -> None:
         for _ in range(opts.rounds):
             for mode in rates:
                 rates[mode].append(one_run(folder, opts.jobs, mode, driver))
+                print(f"{mode}: {rates[mode][-1]:,.0f} jobs/s", file=sys.stderr, flush=True)
     finally:
         driver.quit()
     base = statistics.median(rates["off"])

@@ -844,9 +844,10 @@ def test_units_settings() -> None:
         name = unit.path.name
         assert unit.need("User") not in ("root", "0") or unit.get("DynamicUser") == "yes", f"{name}: runs as root"
         for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "KillSignal": "SIGTERM", "KillMode": "mixed",
-                           "Type": "exec", "StandardError": "journal"}.items():
+                           "Type": "notify", "StandardError": "journal"}.items():
             assert unit.get(key) == value, f"{name}: {key}={unit.get(key)}, expected {value}"
         assert seconds(unit.need("TimeoutStopSec")) > grace, f"{name}: TimeoutStopSec not above shutdown.grace {grace:g}s"
+        assert seconds(unit.need("WatchdogSec")) >= 10, f"{name}: WatchdogSec too short for a loop that pings every few seconds"
         assert "143" in unit.need("SuccessExitStatus").split(), f"{name}: a graceful stop (143) would be a failure"
         exec_start = unit.need("ExecStart")
         argv0 = shlex.split(exec_start)[0]

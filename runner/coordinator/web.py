@@ -131,7 +131,7 @@ class Web:
         self.dashboard_url: str | None = None
         self.metrics_type = "text/plain; version=0.0.4; charset=utf-8"
         self._registry: Any = None
-        self._state_cache: tuple[int, str] = (0, "null")
+        self._state_cache: tuple[Any, str] = (None, "null")  #: (the snapshot, its JSON): held, so `is` can tell a new one
         self._state_lock = threading.Lock()
         self._token_file: Path | None = None
         wanted: dict[str, list[str]] = {}
@@ -211,10 +211,10 @@ class Web:
         """The snapshot for the page, encoded once per snapshot however many pages poll it."""
         snapshot = self.monitor.published
         with self._state_lock:
-            if self._state_cache[0] != id(snapshot):
+            if self._state_cache[0] is not snapshot:
                 data = None if snapshot is None else {**snapshot, "pools": {
                     pool: {k: v for k, v in info.items() if k != "hist"} for pool, info in snapshot["pools"].items()}}
-                self._state_cache = (id(snapshot), json.dumps(data))
+                self._state_cache = (snapshot, json.dumps(data))
             return self._state_cache[1]
 
     def trace(self, job: str) -> dict[str, Any]:

@@ -1,0 +1,111 @@
+"""systemd's Type=notify: READY=1, WATCHDOG=1 and STOPPING=1 read from a datagram socket the test binds."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runner.sdnotify import Notifier
+from tests.conftest import TASK_HELPERS, free_port, start_host_run, start_worker, wait_for
+
+pytestmark = pytest.mark.timeout(300)  # real runs on a busy 2-core machine
+
+TASKS = TASK_HELPERS + '''
+def produce(ctx, n=6):
+    for i in range(n):
+        yield {"i": i}
+
+
+def consume(ctx, job):
+    wait_file("go")  # the run lasts until the test has seen its watchdog pings
+    return result(ctx, job)
+'''
+
+
+class NotifySocket:
+    """The service manager's end: a bound AF_UNIX datagram socket, and every message it got."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+
+    def read(self) -> list[dict[str, str]]:
+        """The messages so far, with what comes within 0.2 s (pings keep coming: never read until quiet)."""
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                break
+            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
+        return self.messages
+
+    def wait_for(self, key: str, value: str, count: int = 1) -> list[dict[str, str]]:
+        return wait_for(lambda: len([m for m in self.read() if m.get(key) == value]) >= count and self.messages,
+                        timeout=60, what=f"{count} x {key}={value} on the notify socket")
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.sock.close()
+
+
+def config() -> dict[str, object]:
+    return {"name": "sd", "producers": [{"name": "prod", "task": "tasks:produce"}],
+            "consumers": [{"name": "work", "task": "tasks:consume", "processes": 1}], "start_method": "fork"}
+
+
+def test_runner_start_sends_ready_then_watchdog_pings_then_stopping(folder: Path, notify: NotifySocket) -> None:
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"}  # a ping every 0.1 s
+    run = start_host_run(folder, config(), tasks=TASKS, env=env)
+    try:
+        notify.wait_for("READY", "1")
+        ready = next(m for m in notify.messages if m.get("READY") == "1")
+        assert ready["MAINPID"] == str(run.process.pid)
+        notify.wait_for("WATCHDOG", "1", count=3)  # while jobs wait, the loop goes on turning and pinging
+        assert "STOPPING" not in {k for m in notify.messages for k in m}
+        (folder / "go").write_text("")
+        assert run.wait(60) == 0
+        notify.wait_for("STOPPING", "1")
+        keys = [next(iter(m)) for m in notify.messages]
+        assert keys.index("READY") < keys.index("WATCHDOG") < keys.index("STOPPING")
+    finally:
+        run.proc.kill_group()
+
+
+def test_runner_worker_sends_ready_and_watchdog_pings(folder: Path, notify: NotifySocket) -> None:
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    cfg = config()
+    cfg["consumers"][0]["processes"] = 0  # type: ignore[index]
+    run = start_host_run(folder, cfg, "--bind", address, tasks=TASKS)
+    worker = start_worker(folder, address, "hostb", "--processes", "1",
+                          env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"})
+    try:
+        notify.wait_for("READY", "1")
+        notify.wait_for("WATCHDOG", "1", count=3)
+        (folder / "go").write_text("")
+        assert run.wait(60) == 0
+        assert worker.wait(60) == 0
+        notify.wait_for("STOPPING", "1")
+    finally:
+        worker.kill_group()
+        run.proc.kill_group()
+
+
+def test_without_notify_socket_nothing_is_sent_and_abstract_names_work() -> None:
+    assert not Notifier({}).enabled
+    Notifier({}).ready()  # no socket: nothing happens, nothing raises
+    assert Notifier({"NOTIFY_SOCKET": "@runner-test"}).address == "\0runner-test"
+    other = Notifier({"NOTIFY_SOCKET": "/nonexistent/sock", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
+    assert other.watchdog_s is None  # the watchdog is for another process
+    other.ready()  # a socket that is gone: ignored

@@ -14,9 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import (
+    TASK_HELPERS,
+    Command,
+    HostRun,
+    assert_each_once,
+    basic_config,
+    free_port,
+    live_events,
+    log_events,
+    runner_cli,
+    start_host_run,
+    start_run,
+    start_worker,
+    wait_for,
+)
 
-from conftest import (TASK_HELPERS, Command, HostRun, assert_each_once, basic_config, free_port, live_events, log_events,
-                      runner_cli, start_host_run, start_run, start_worker, wait_for)
 from runner.config import load_config, parse_size
 from runner.errors import ConfigError
 from runner.process.handle import describe_exit

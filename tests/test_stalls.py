@@ -14,15 +14,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import (
+    TASK_HELPERS,
+    Command,
+    HostRun,
+    assert_each_once,
+    basic_config,
+    free_port,
+    live_events,
+    log_events,
+    runner_cli,
+    start_host_run,
+    start_run,
+    start_worker,
+    wait_for,
+)
 
-from conftest import (TASK_HELPERS, Command, HostRun, assert_each_once, basic_config, free_port, live_events, log_events,
-                      runner_cli, start_host_run, start_run, start_worker, wait_for)
 from runner.config import load_config, parse_size
 from runner.errors import ConfigError
 from runner.process.handle import describe_exit
 from runner.process.memory import format_bytes, read_oom_kills
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(150)
 
 TASKS = TASK_HELPERS + '''
 import select
@@ -95,7 +108,7 @@ def config(task: str, n: int = 6, processes: int = 1, **consumer: Any) -> dict[s
 
 
 def first_stall(folder: Path) -> dict[str, Any]:
-    return wait_for(lambda: [e for e in log_events(folder, "job.stalled") if e.get("stack")], what="job.stalled")[0]
+    return wait_for(lambda: [e for e in log_events(folder, "job.stalled") if e.get("stack")], timeout=60, what="job.stalled")[0]
 
 
 @pytest.mark.parametrize("block", ["sleep", "select"])
@@ -147,9 +160,9 @@ def test_stall_action_kill_retries_the_job_charged_as_stalled(tmp_path: Path) ->
 def test_status_stacks_shows_the_busy_process_and_its_progress(tmp_path: Path) -> None:
     run = start_run(tmp_path, config("stuck", stall_timeout=None), tasks=TASKS)
     try:
-        wait_for(lambda: (tmp_path / "stuck.work-1").exists(), what="job 3 blocked")
+        wait_for(lambda: (tmp_path / "stuck.work-1").exists(), timeout=60, what="job 3 blocked")
         # the progress message travels after the heartbeat: wait for status to show it
-        status = wait_for(lambda: _status_json(tmp_path, "progress"), what="progress in runner status")
+        status = wait_for(lambda: _status_json(tmp_path, "progress"), timeout=60, what="progress in runner status")
         proc = next(p for p in status["processes"] if p["worker"] == "work-1")
         assert proc["job_id"] == 3 and proc["progress"] == {"step": "waiting", "rows": 12} and proc["rss"] > 0
         shown = runner_cli("status", "--stacks", "--logs", "logs", cwd=tmp_path, timeout=30)
@@ -193,7 +206,7 @@ def test_max_rss_recycles_the_process_after_its_job(tmp_path: Path) -> None:
     cfg["producers"][0]["params"]["hold_after"] = 3  # the run cannot end before the recycling is seen
     run = start_run(tmp_path, cfg, tasks=TASKS)
     try:
-        exited = wait_for(lambda: [e for e in live_events(run, "worker.exited") if e["reason"] == "memory"], what="recycling")[0]
+        exited = wait_for(lambda: [e for e in live_events(run, "worker.exited") if e["reason"] == "memory"], timeout=60, what="recycling")[0]
     finally:
         (tmp_path / "go").touch()
     assert run.wait(60) == 0, run.stderr[-3000:]
@@ -221,7 +234,7 @@ def test_worker_host_stall_and_status_stacks(tmp_path: Path, cleanup: list[Comma
     cfg["consumers"][0]["min_processes"] = 0
     run = start_host_run(tmp_path, cfg, "--bind", bind, tasks=TASKS)
     cleanup.append(run)
-    wait_for(lambda: log_events(tmp_path, "run.started") or run.process.poll() is not None, what="run.started")
+    wait_for(lambda: log_events(tmp_path, "run.started") or run.process.poll() is not None, timeout=60, what="run.started")
     remote = start_worker(tmp_path, bind, "hostb", "--processes", "1")
     cleanup.append(remote)
     try:

@@ -395,17 +395,16 @@ class ConsumerLoop(ProcessLoop):
         PROGRESS message, at most every PROGRESS_EVERY_S (one given sooner is not sent: a later one replaces it)."""
         now = time.monotonic()
         self.slot[SLOT_BEAT] = now
-        if not progress:
+        if not progress or now - self.progress_sent < PROGRESS_EVERY_S:
             return
-        try:
+        try:  # checked when it is sent (the first one always is), not at every call
             size = len(msgpack.packb(progress, use_bin_type=True))
         except Exception as exc:
             raise TypeError(f"ctx.heartbeat: progress must be msgpack-encodable: {type(exc).__name__}: {exc}") from None
         if size > MAX_PROGRESS:
             raise ValueError(f"ctx.heartbeat: progress is {size} bytes encoded, more than {MAX_PROGRESS}")
-        if now - self.progress_sent >= PROGRESS_EVERY_S:
-            self.progress_sent = now
-            self.send([PROGRESS, self.batch_id, int(self.slot[SLOT_INDEX]), progress])
+        self.progress_sent = now
+        self.send([PROGRESS, self.batch_id, int(self.slot[SLOT_INDEX]), progress])
 
     def emit(self, payload: Any, to: str | None) -> None:
         target = to or self.spec.get("emit_to")

@@ -35,7 +35,7 @@ import pytest
 
 from conftest import skip_or_fail, wait_for
 from deploysupport import (CONFIGS, DEBIAN_ROOT, DEBIAN_ROOT_STAMP, DEPLOY, PREPARE_HINT, ROOT, SYSTEMD_DIR, WHEELHOUSE,
-                           assert_buns_once, assert_stopped_cleanly, eaten_by_host, grace_of, jsonl, run, run_logs, seconds)
+                           assert_buns_once, assert_stopped_cleanly, eaten_by_host, jsonl, run, run_logs, seconds)
 from test_deploy import Block, Unit, readme_blocks, strip_privileges
 
 #: the first test pays for booting the machine and installing the runner in it (minutes on a busy 2-core machine)
@@ -275,11 +275,13 @@ def results_file(machine: Machine) -> Path:
 
 def test_units_run_a_config_to_the_end(operator: Operator) -> None:
     """`systemctl start runner-coordinator` and `enable --now runner-worker@a`, `@b`: the run ends by
-    itself with exit 0, every bun eaten once, both workers worked; status, journal and logs as the README says."""
+    itself with exit 0, every bun eaten once, both workers worked; journal and logs as the README says.
+    The coordinator runs no eater itself (processes=0), so the run waits for the workers however slow
+    the machine is, and at least 15 s of baking (pause 0.2) lets both of them join while there is work."""
     machine = operator.machine
     buns = 150
     ADJUST["coordinator.env"] = {"RUNNER_START_ARGS": f"--set producers.baker.params.buns={buns} "
-                                 "--set producers.baker.params.pause=0.08 --set consumers.eater.processes=1"}
+                                 "--set producers.baker.params.pause=0.2 --set consumers.eater.processes=0"}
     for name in WORKERS:
         ADJUST[f"worker-{name}.env"] = {"RUNNER_PROCESSES": "2"}
     before = len(jsonl(results_file(machine)))
@@ -287,21 +289,6 @@ def test_units_run_a_config_to_the_end(operator: Operator) -> None:
     props = machine.show("runner-coordinator")
     assert props["ActiveState"] == "active" and props["Type"] == unit_file("runner-coordinator").need("Type"), props
     start_workers(operator)
-
-    def joined() -> dict[str, Any] | None:
-        if machine.show("runner-coordinator")["ActiveState"] != "active":
-            raise AssertionError(f"the run ended before both workers joined:\n{machine.journal('runner-coordinator')[-3000:]}")
-        command, user, env = strip_privileges(operator.block("5. Watch", "hosta").commands[0] + ["--json"])
-        reply = machine.exec(["runuser", "-u", str(user), "--", "env", *(f"{k}={v}" for k, v in env.items()), *command], check=False)
-        status = json.loads(reply.stdout) if reply.returncode == 0 else None
-        return status if status and set(WORKERS) <= set(status["hosts"]) else None
-
-    status = wait_for(joined, 60, "workers a and b in `runner status`", interval=0.3)
-    assert status["state"] == "running"
-    local = operator.run_block("5. Watch", "hosta")[0].stdout
-    assert "host a" in local and "host b" in local, local
-    remote = operator.run_block("5. Watch", "hostb")[0].stdout
-    assert status["run_id"] in remote, remote
 
     props = wait_unit(machine, "runner-coordinator", ("inactive", "failed"), 180)
     assert props["Result"] == "success" and props["ExecMainStatus"] == "0", f"{props}\n{machine.journal('runner-coordinator')[-3000:]}"
@@ -330,8 +317,9 @@ def test_units_run_a_config_to_the_end(operator: Operator) -> None:
 
 @pytest.mark.timeout(300)
 def test_systemctl_stop_is_graceful(operator: Operator) -> None:
-    """`systemctl stop runner-coordinator` mid-run: SIGTERM to the coordinator only (KillMode=mixed); it
-    exits 143 (a success) well within TimeoutStopSec, with every unfinished job in the pending file."""
+    """`runner status` as the README's step 5 runs it, then `systemctl stop runner-coordinator` mid-run:
+    SIGTERM to the coordinator only (KillMode=mixed); it exits 143 (a success) well within
+    TimeoutStopSec, with every unfinished job in the pending file."""
     machine = operator.machine
     ADJUST["coordinator.env"] = {"RUNNER_START_ARGS": "--set producers.baker.params.buns=100000 "
                                  "--set producers.baker.params.pause=0.01 --set consumers.eater.processes=1"}
@@ -345,7 +333,18 @@ def test_systemctl_stop_is_graceful(operator: Operator) -> None:
         new = set(run_logs(machine.path("/var/log/runner"))) - logs_before
         return bool(new) and {e.get("host") for e in jsonl(next(iter(new))) if e["event"] == "bun.eaten"} >= set(WORKERS)
 
-    wait_for(working, 90, "both workers to be eating buns", interval=0.3)
+    wait_for(working, 120, "both workers to be eating buns", interval=0.3)
+
+    # 5. watch (now, while the run cannot end by itself): both workers in `runner status`, locally and over the network
+    command, user, env = strip_privileges(operator.block("5. Watch", "hosta").commands[0] + ["--json"])
+    reply = machine.exec(["runuser", "-u", str(user), "--", "env", *(f"{k}={v}" for k, v in env.items()), *command])
+    status = json.loads(reply.stdout)
+    assert status["state"] == "running" and set(WORKERS) <= set(status["hosts"]), status
+    local = operator.run_block("5. Watch", "hosta")[0].stdout
+    assert "host a" in local and "host b" in local, local
+    remote = operator.run_block("5. Watch", "hostb")[0].stdout
+    assert status["run_id"] in remote, remote
+
     unit = unit_file("runner-coordinator")
     started = time.monotonic()
     operator.run_block("Stopping", "hosta")  # systemctl stop returns when the unit has stopped
@@ -353,7 +352,9 @@ def test_systemctl_stop_is_graceful(operator: Operator) -> None:
     props = machine.show("runner-coordinator")
     assert props["ActiveState"] == "inactive" and props["Result"] == "success", props
     assert props["ExecMainStatus"] == "143" and "143" in unit.need("SuccessExitStatus").split(), props
-    assert stopped_in < grace_of() + 5 < seconds(unit.need("TimeoutStopSec")), f"stopped in {stopped_in:.1f}s"
+    # on its own, before systemd's SIGKILL at TimeoutStopSec (that would be Result=timeout)
+    assert stopped_in < seconds(unit.need("TimeoutStopSec")), f"stopped in {stopped_in:.1f}s"
+    print(f"systemctl stop runner-coordinator: {stopped_in:.1f}s")
     _, events = run_log(machine)
     (finished,) = [e for e in events if e["event"] == "run.finished"]
     pending = jsonl(machine.path(finished["pending_file"]))

@@ -8,10 +8,11 @@ two worker containers set up as deploy/docker/compose.yaml sets them up, running
 - Each container gets what compose.yaml gives its service: the command, read_only, the tmpfs, cap_drop,
   security_opt, init, stop_signal and stop_grace_period, the config and key files mounted where its
   `secrets:` put them (owned by the image's uid, as the README's `chown` does), the image's non-root
-  user. The only changes are the network's: every container is on the host's network (podman's
-  bridge networking does not work here), so the coordinator binds a free port instead of 5555, the
-  workers connect to 127.0.0.1 instead of `coordinator`, and each worker gets its own --hostname
-  (on the host network they would all be called as the host is).
+  user. Changed: every container is on the host's network (.ci/containers.conf), so the coordinator
+  binds a free port instead of 5555, the workers connect to 127.0.0.1 instead of `coordinator`, and
+  each worker gets its own --hostname (on the host network they would all be called as the host is);
+  and the coordinator runs no eater itself (`--set consumers.eater.processes=0`), so that the run
+  waits for the workers however slow the machine is.
 - Needs root and podman with the stand-in image (CI: .ci/run); otherwise skipped, and in CI failed.
 """
 
@@ -232,10 +233,13 @@ def test_compose_services_run_in_containers(deployment: Deployment) -> None:
     assert done["worker-1"] > 0 and done["worker-2"] > 0, f"jobs done per host: {dict(done)}"
     # the workers (--serve) outlive the run; `podman stop` (SIGTERM) ends them gracefully
     for label in ("worker-1", "worker-2"):
-        wait_for(lambda label=label: "run over" in deployment.output(label), 30, f"{label} to see the run end")
+        def run_over(label: str = label) -> bool:
+            return "run over" in deployment.output(label)
+
+        wait_for(run_over, 60, f"{label} to see the run end")
         assert deployment.running(label), deployment.output(label)[-3000:]
-        podman("stop", deployment.name(label), timeout=60)
-        assert deployment.wait(label, 30) in (0, 143), deployment.output(label)[-3000:]
+        podman("stop", deployment.name(label), timeout=120)
+        assert deployment.wait(label, 60) in (0, 143), deployment.output(label)[-3000:]
 
 
 def test_a_worker_container_stopped_mid_run_loses_nothing(deployment: Deployment) -> None:

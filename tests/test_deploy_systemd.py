@@ -119,10 +119,12 @@ class Machine:
     def main_exit(self, unit: str) -> tuple[str, int]:
         """(EXIT_CODE, EXIT_STATUS) of the unit's last main process exit, from systemd's own journal entry."""
         out = self.exec(["journalctl", "--no-pager", "-o", "json", "-u", unit], check=False).stdout
-        exits = [entry for entry in map(json.loads, out.splitlines())
-                 if "EXIT_STATUS" in entry and str(entry.get("MESSAGE", "")).startswith("Main process exited")]
-        assert exits, f"no `Main process exited` entry for {unit} in the journal:\n{self.journal(unit)[-3000:]}"
-        return exits[-1]["EXIT_CODE"], int(exits[-1]["EXIT_STATUS"])
+        # "runner-coordinator.service: Main process exited, code=exited, status=143/n/a"
+        exits = [re.search(r"Main process exited, code=(\w+), status=(\d+)", str(entry.get("MESSAGE", "")))
+                 for entry in map(json.loads, out.splitlines())]
+        found = [match for match in exits if match]
+        assert found, f"no `Main process exited` entry for {unit} in the journal:\n{self.journal(unit)[-3000:]}"
+        return found[-1].group(1), int(found[-1].group(2))
 
     def journal(self, unit: str) -> str:
         return self.exec(["journalctl", "--no-pager", "-o", "cat", "-u", unit], check=False).stdout

@@ -68,8 +68,11 @@ class Machine:
         return self.root / inside.lstrip("/")
 
     def boot(self, timeout: float = 90) -> None:
+        # the machine's own copy of the wheelhouse: another CI run may be rebuilding the shared one
+        wheels = self.folder / "wheels"
+        shutil.copytree(WHEELHOUSE, wheels)
         argv = ["systemd-nspawn", "--register=no", "--keep-unit", "--private-network", "--quiet", "--console=pipe",
-                f"--bind-ro={WHEELHOUSE}:/wheels", "-D", str(self.root), "-b"]
+                f"--bind-ro={wheels}:/wheels", "-D", str(self.root), "-b"]
         with open(self.console, "w") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)

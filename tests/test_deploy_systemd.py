@@ -121,7 +121,7 @@ class Machine:
 
     def main_exit(self, unit: str) -> tuple[str, int]:
         """(EXIT_CODE, EXIT_STATUS) of the unit's last main process exit, from systemd's own journal entry."""
-        out = self.exec(["journalctl", "--no-pager", "-o", "json", "-u", unit], check=False).stdout
+        out = self.exec(["journalctl", "--no-pager", "-o", "json", "-n", "2000", "-u", unit], check=False, timeout=300).stdout
         # "runner-coordinator.service: Main process exited, code=exited, status=143/n/a"
         exits = [re.search(r"Main process exited, code=(\w+), status=(\d+)", str(entry.get("MESSAGE", "")))
                  for entry in map(json.loads, out.splitlines())]
@@ -130,7 +130,7 @@ class Machine:
         return found[-1].group(1), int(found[-1].group(2))
 
     def journal(self, unit: str) -> str:
-        return self.exec(["journalctl", "--no-pager", "-o", "cat", "-u", unit], check=False).stdout
+        return self.exec(["journalctl", "--no-pager", "-o", "cat", "-u", unit], check=False, timeout=300).stdout
 
     def poweroff(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -267,3 +267,12 @@ def log_events(folder: Path, name: str | None = None, **match: Any) -> list[dict
             if (name is None or event["event"] == name) and all(event.get(k) == v for k, v in match.items()):
                 found.append(event)
     return found
+
+
+# -- tests that need the machine (root, podman, systemd-nspawn) --------------------------------
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose tools are missing here, in one line; in CI (CI=true) that is a failure instead,
+    so that a CI machine that lost a tool cannot pass by skipping the tests that need it."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true, so this cannot be skipped: {reason}", pytrace=False)
+    pytest.skip(reason)

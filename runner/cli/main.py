@@ -6,6 +6,7 @@ User mistakes (config, flags, task imports) print one paragraph and exit 2; `--d
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -94,9 +95,10 @@ def start(
         coordinator_keys = wire.CoordinatorKeys(keys) if keys else None
         if address:
             wire.require_security(address, coordinator_keys, insecure, "--keys", lambda m: _stderr().print(m, markup=False))
+        wire.control_dir()  # checked before anything starts: ours, 0700, not a symlink
         tty = sys.stderr.isatty()
         display = Display(_stderr(), Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False), tty)
-        coordinator = Coordinator(cfg, display, address, coordinator_keys)
+        coordinator = Coordinator(cfg, display, address, coordinator_keys, run_keys=bool(address) and not keys and not insecure)
     except RunnerError as exc:
         _fail(exc)
         return
@@ -153,13 +155,19 @@ def worker(
 
     console = _stderr()
     try:
+        if name is not None and not re.fullmatch(wire.HOST_NAME.strip("^$"), name):
+            raise UsageError(f"--name {name!r}: a worker name is 1 to 64 letters, digits, '.', '_' or '-'")
         worker_keys = wire.WorkerKeys(keys, name) if keys else None
         wire.require_security(connect, worker_keys, insecure, "--keys", lambda m: console.print(m, markup=False))
+        # no --keys on loopback: use the keys of this user's run at that address (found again for every session)
+        discover = worker_keys is None and not insecure
+        if discover:
+            wire.control_dir()
     except RunnerError as exc:
         _fail(exc)
         return
     agent = Agent(connect, pool or [], processes, name, worker_keys, give_up, serve, run,
-                  lambda m: console.print(m, markup=False, soft_wrap=True), path or [])
+                  lambda m: console.print(m, markup=False, soft_wrap=True), path or [], discover)
     raise typer.Exit(int(agent.run()))
 
 
@@ -176,7 +184,8 @@ def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys
     from runner.wire import zeromq as wire
 
     if connect:
-        return wire.request(connect, kind, wire.WorkerKeys(keys, name) if keys else None)
+        # without --keys: the keys of this user's run at that address, if it is one (loopback is not a trust boundary)
+        return wire.request(connect, kind, wire.WorkerKeys(keys, name) if keys else wire.find_run_keys(connect))
     address = _local_control(run_id, logs_dir)
     return wire.request(address, kind)
 

@@ -1,7 +1,7 @@
 """The local control socket: `runner status` and `runner stop` for the user who started the run.
 
-  client -> coordinator   [STATUS] / [STOP_RUN]        (runner.wire.zeromq headers)
-  coordinator -> client   [REPLY, dict]                the status, or {"ok": true, "run_id": ...}
+  client -> coordinator   [STATUS] / [STOP_RUN]        (runner.wire.host_messages, checked like any message)
+  coordinator -> client   [REPLY, dict]                the status, {"ok": true, "run_id": ...}, or {"error": ...}
 
 It lives at ipc://$TMPDIR/runner-<uid>/<run_id>.ctl, in a folder only that user may enter. The
 same requests also reach the bound address of a multi-host run (hosts.py); both answer through
@@ -37,11 +37,17 @@ class ControlSocket:
             except zmq.Again:
                 return
             try:
-                kind, _, _ = wire.parse(parts)
+                kind = wire.parse(parts).kind
+                if kind not in (wire.STATUS, wire.STOP_RUN):
+                    raise ProtocolError(f"message kind {kind} is not a control request (STATUS, STOP_RUN)")
+                body = self._reply(kind)
             except ProtocolError as exc:
                 self.log.error("protocol.error", peer="control", error=str(exc))
-                continue
-            self.sock.send_multipart([identity, wire.header(wire.REPLY, self._reply(kind))])
+                body = {"error": f"bad request: {exc}"}
+            try:
+                self.sock.send_multipart([identity, wire.header(wire.REPLY, 0, body)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the client left, or stopped reading: nothing to tell it
 
     def close(self) -> None:
         self.sock.close(0)

@@ -44,6 +44,7 @@ class Member:
     jobs_done: int = 0  #: jobs it finished successfully
     idle_since: float = 0.0
     ended: bool = False  #: producers: its stream ended
+    protocol_error: str | None = None  #: it sent a malformed message: killed (or its host reset), nothing more it sends counts
 
     remote = False
 
@@ -74,7 +75,7 @@ class LocalMember(Member):
 
 @dataclass(eq=False)
 class RemoteMember(Member):
-    route: Any = None  #: (host identity, TO header), encoded once at spawn
+    route: Any = None  #: the RemoteHost it runs on (its identity and session numbers)
     remote_running: tuple[int, int] | None = None  #: its job in hand when it ended (from EXITED)
 
     remote = True

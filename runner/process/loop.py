@@ -111,6 +111,9 @@ class ProcessLoop:
         self.log = logs.configure(
             spec["log_level"], self._log_sink, run_id=spec["run_id"], host=spec["host"], role=spec["role"], pool=spec["pool"], worker=spec["worker"]
         )
+        for extra in reversed(spec.get("paths") or []):  # a worker host's --path (its own, never the coordinator's)
+            if extra not in sys.path:
+                sys.path.insert(0, extra)
         try:
             self.task = import_task(spec["task"], spec.get("base_dir"))
         except Exception as exc:

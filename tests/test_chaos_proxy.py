@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import zmq
-
 from conftest import wait_for
 from test_multihost import address, cleanup, config, coordinator, exactly_once, finish, worker  # noqa: F401
 

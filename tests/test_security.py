@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import log_events, runner_cli, start_host_run, wait_for
 from test_multihost import TASKS, address, cleanup, config, coordinator, exactly_once, finish, joined, worker  # noqa: F401
 

@@ -17,7 +17,6 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-
 from conftest import Command, log_events, run_config, wait_for
 from test_multihost import address, cleanup, config, coordinator, exactly_once, finish, joined, worker  # noqa: F401
 

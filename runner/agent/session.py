@@ -20,6 +20,7 @@ from runner.errors import ProtocolError, UsageError
 from runner.process.context import import_task
 from runner.process.handle import LocalProcess, LocalProcesses, warm_up
 from runner.wire import host_messages as hm
+from runner.wire import messages
 from runner.wire import zeromq as wire
 
 
@@ -162,6 +163,11 @@ class Session:
                 self._broken(f"message {envelope.seq} from the coordinator after {self.heard}: lost, repeated or reordered")
             self.heard = envelope.seq
             self.last_heard = time.monotonic()
+            if envelope.frame is not None:
+                try:  # what goes into a process's inbox is checked here, before a process can choke on it
+                    messages.decode_to_process(envelope.frame)
+                except ProtocolError as exc:
+                    self._broken(f"a malformed message for a process from the coordinator: {exc}")
             self._on_message(envelope.message, envelope.frame)
 
     def _broken(self, why: str) -> NoReturn:

@@ -156,7 +156,7 @@ class Session:
                    ended.cause)
 
     def _stalled(self, stall: Stall) -> None:
-        self._send(wire.STALLED, stall.worker, list(stall.running), round(stall.running_s, 3), round(stall.silent_s, 3),
+        self._send(wire.STALLED, stall.worker, list(stall.running), max(0.0, round(stall.running_s, 3)), max(0.0, round(stall.silent_s, 3)),
                    stall.stall_timeout, stall.action, stall.stack)
 
     def _answer_stacks(self, request: int) -> Callable[[dict[str, Any]], None]:
@@ -168,7 +168,7 @@ class Session:
         for proc in self.procs.procs.values():
             running = proc.running_job()
             report[proc.name] = {"rss": proc.rss, "running": list(running) if running else None,
-                                 "running_s": round(now - proc.job_started_at(), 3) if running else None}
+                                 "running_s": max(0.0, round(now - proc.job_started_at(now), 3)) if running else None}
         return report
 
     def _drain(self) -> None:

@@ -163,6 +163,8 @@ def _valid_local(kind: int) -> list[Any]:
         messages.LOG: [messages.LOG, {"event": "x", "level": "info"}],
         messages.LOCK: [messages.LOCK, "acquire", "name", 1],
         messages.FATAL: [messages.FATAL, "error", "tb"],
+        messages.PROGRESS: [messages.PROGRESS, 7, 0, {"rows": 1200, "of": 5000}],
+        messages.TOTAL: [messages.TOTAL, 5000],
         messages.JOBS: [messages.JOBS, 7, 1, 2, None, None, blob, "prod-1"],
         messages.CREDIT: [messages.CREDIT, 10],
         messages.GRANT: [messages.GRANT, "name", 1],
@@ -217,7 +219,11 @@ def _valid_host(kind: int) -> list[bytes]:
         hm.WELCOME: ["run-1", "run", "hostb", {"work": {"task": "t:f"}}, {"interval": 1.0, "timeout": 5.0}, "fork"],
         hm.REFUSE: ["no"], hm.SPAWN: ["work-1", "work", "consumer", 1, 0, {"task": "t:f"}], hm.TO: ["work-1"],
         hm.SIGNAL: ["work-1", 15, "stop"], hm.FWD: ["work-1"], hm.EXITED: ["work-1", 0, None, "done", None, None],
-        hm.HEARTBEAT: [], hm.BYE: ["bye"], hm.RESET: ["again"], hm.STATUS: [], hm.STOP_RUN: [], hm.REPLY: [{"ok": True}],
+        hm.HEARTBEAT: [{"work-1": {"rss": 1 << 20, "running": [7, 0], "running_s": 1.5}}], hm.BYE: ["bye"], hm.RESET: ["again"],
+        hm.STATUS: [{"stacks": True}], hm.STOP_RUN: [], hm.REPLY: [{"ok": True}],
+        hm.STALLED: ["work-1", [7, 0], 12.5, 12.0, 10.0, "warn", "File x, line 1"], hm.STACKS: [3],
+        hm.STACK_DUMPS: [3, {"work-1": {"pid": 99, "pool": "work", "running": [7, 0], "running_s": 1.5, "rss": 1 << 20,
+                                        "stack": "File x, line 1"}}],
     }
     parts = [wire.header(kind, 1, *fields[kind])]
     if kind in hm.WITH_FRAME:

@@ -545,10 +545,13 @@ def test_worker_of_another_protocol_version_is_told_and_exits_2(tmp_path: Path, 
 
 def test_serve_worker_waits_for_its_run_and_serves_the_next(tmp_path: Path, cleanup: list) -> None:
     """`--serve --run NAME`: refused by another run, it waits; it joins NAME's runs one after another."""
-    bind = address()
-    first = coordinator(tmp_path / "other", cleanup, config(n=5, work=0.2, local=1), "--bind", bind)
-    waiting = worker(tmp_path, cleanup, bind, "hostb", "--serve", "--run", "nextrun", "--processes", "2")
-    wait_for(lambda: "refused" in waiting.stderr, what="the serve worker refused by the other run")
+    bind, first_gate = address(), tmp_path / "other" / "gate"
+    # the other run lasts until the worker was refused (a worker starting slowly must still meet it)
+    first = coordinator(tmp_path / "other", cleanup, config(n=5, work=0.2, local=1, gate=first_gate), "--bind", bind)
+    # its task code from --path (a worker never imports from a folder the coordinator names; every run here has the same tasks)
+    waiting = worker(tmp_path, cleanup, bind, "hostb", "--serve", "--run", "nextrun", "--processes", "2", "--path", str(tmp_path / "other"))
+    wait_for(lambda: "refused" in waiting.stderr, timeout=60, what="the serve worker refused by the other run")
+    first_gate.touch()
     assert first.wait(30) == 0
     assert waiting.process.poll() is None, waiting.stderr
     for round_ in (1, 2):

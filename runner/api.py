@@ -158,7 +158,8 @@ def _coordinator(cfg: Any, address: str | None, keys: str | Path | None, quiet: 
     else:
         console, out = Console(stderr=True, no_color=no_color, highlight=False), Console(no_color=no_color, highlight=False)
         tty = sys.stderr.isatty()
-    coordinator = Coordinator(cfg, Display(console, out, tty), address, coordinator_keys)
+    # a loopback bind without keys gets the run's own keys, as `runner start` does (loopback is not a trust boundary)
+    coordinator = Coordinator(cfg, Display(console, out, tty), address, coordinator_keys, run_keys=bool(address) and not keys)
     if not quiet:
         urls = [("metrics", coordinator.web.metrics_url), ("dashboard", coordinator.web.dashboard_url)] if coordinator.web else []
         for what, url in [("run", coordinator.run_id), ("log", str(coordinator.log_path)), *urls]:

@@ -271,6 +271,45 @@ def test_resume_with_a_worker_host_that_reconnects(folder: Path) -> None:
     assert any(e["event"] == "host.joined" for e in events[resumed_at:])
 
 
+def test_resumed_run_keeps_its_run_keys(folder: Path) -> None:
+    """Loopback, no --keys: the run's own CURVE keys outlive a stop, the resumed run uses the same ones (a worker
+    without --keys finds them again), and they go once the run has finished."""
+    import tempfile
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cfg = config(consumers=[{"name": "work", "task": "tasks:consume", "processes": 1}], transport={"bind": address})
+    run = start_run(folder, cfg, tasks=TASKS)
+    worker_argv = [sys.executable, "-m", "runner", "worker", "--connect", address, "--give-up", "120", "--path", str(folder)]
+    workers: list[Command] = []
+    try:
+        journal = wait_for(lambda: (folder / "logs").exists() and list((folder / "logs").glob("*.journal")), timeout=180, what="journal")[0]
+        run_id = journal.name.removesuffix(".journal")
+        keys = Path(tempfile.gettempdir()) / f"runner-{os.getuid()}" / f"{run_id}.keys"
+        public = wait_for(lambda: (keys / "coordinator.key").exists() and (keys / "coordinator.key").read_bytes(), timeout=60,
+                          what="the run's keys")
+        workers.append(Command(folder, "worker1", worker_argv))
+        wait_for(lambda: log_has(folder, run_id, "host.joined"), timeout=180, what="the worker host to join with the run's keys")
+        wait_for(lambda: lines_in(folder / "results.jsonl") >= 300, timeout=180, what="300 results")
+        run.process.send_signal(signal.SIGTERM)
+        assert run.wait() == 143
+        assert (keys / "coordinator.key").read_bytes() == public, "a stopped run keeps its keys for a resume"
+        assert workers[0].wait(120) == 0, workers[0].stderr
+        workers.append(Command(folder, "worker2", worker_argv))  # waits for the resumed run, then finds the same keys
+        done = resume(folder, run_id)
+        assert done.returncode == 0, done.stderr
+        assert workers[1].wait(120) == 0, workers[1].stderr
+    finally:
+        for worker in workers:
+            if worker.process.poll() is None:
+                os.killpg(worker.process.pid, signal.SIGKILL)
+    assert_each_once(results(folder), range(N))
+    events = read_jsonl(folder / "logs" / f"{run_id}.jsonl")
+    resumed_at = next(i for i, e in enumerate(events) if e["event"] == "run.resumed")
+    assert events[resumed_at]["security"] == "run keys"
+    assert any(e["event"] == "host.joined" for e in events[resumed_at:]), "the worker joined the resumed run with the same keys"
+    assert not keys.exists(), "a finished run's keys are removed"
+
+
 def log_has(folder: Path, run_id: str, event: str) -> bool:
     path = folder / "logs" / f"{run_id}.jsonl"
     return path.exists() and f'"event":"{event}"' in path.read_text().replace(" ", "")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import time
 import traceback
@@ -23,6 +24,7 @@ from runner.agent.session import HANDSHAKE_S, Session, SessionEnded
 from runner.backoff import backoff
 from runner.errors import ExitCode, ProtocolError
 from runner.sdnotify import Notifier
+from runner.wire import host_messages as hm
 from runner.wire import zeromq as wire
 
 #: reconnect delays: 0.1 s doubling to 5 s, with jitter
@@ -31,12 +33,15 @@ RECONNECT_BASE_S, RECONNECT_CAP_S = 0.1, 5.0
 
 class Agent:
     def __init__(self, address: str, pools: list[str], processes: int | None, name: str | None, keys: wire.WorkerKeys | None,
-                 give_up: float, serve: bool, run: str | None, say: Any, extra_path: list[str]) -> None:
+                 give_up: float, serve: bool, run: str | None, say: Any, extra_path: list[str], discover: bool = False) -> None:
         self.address = address
         self.pools = pools
         self.processes = processes
-        self.name = name or logs.HOST
+        # the default name is the host name, made to fit the names a coordinator accepts
+        self.name = name or re.sub(r"[^A-Za-z0-9._-]", "-", logs.HOST)[:64] or "worker"
         self.keys = keys
+        self.discover = discover  #: no --keys on loopback: use the keys of this user's run at the address
+        self.joined_at: float | None = None
         self.give_up = give_up
         self.serve = serve
         self.run_filter = run
@@ -81,6 +86,9 @@ class Agent:
             try:
                 self._session()
             except SessionEnded as end:
+                if self.joined_at is not None:  # a session that had joined: lost from now, not from an earlier loss
+                    lost_since, attempt, self.joined_at = None, 1, None
+                    delay = backoff(RECONNECT_BASE_S, attempt, RECONNECT_CAP_S, jitter=True)
                 if end.outcome == "done":
                     self.say(f"run over: {end.detail}")
                     if not self.serve:
@@ -126,16 +134,23 @@ class Agent:
 
     # -- one session ---------------------------------------------------------------------------
     def _session(self) -> None:
-        sock = wire.connect_dealer(self.context, self.address, self.keys)
+        keys = self.keys
+        if self.discover:
+            keys = wire.find_run_keys(self.address, self.run_filter)
+            if keys is None:
+                raise SessionEnded("lost", f"no run of yours listens at {self.address} (a run's keys are in {wire.control_dir()}); "
+                                           "pass --keys DIR, or --insecure for a run started with --insecure")
+        sock = wire.connect_dealer(self.context, self.address, keys)
         try:
             welcome = self._handshake(sock)
+            self.joined_at = time.monotonic()
             Session(self, sock, welcome).run()
         finally:
             sock.close(0)
 
-    def _handshake(self, sock: zmq.Socket) -> list[Any]:
+    def _handshake(self, sock: zmq.Socket) -> hm.Welcome:
         """One HELLO per socket (a new socket for every attempt), so a slow answer never makes two sessions."""
-        sock.send(wire.header(wire.HELLO, self.name, self.pools, self.processes, os.getpid(), self.run_filter))
+        sock.send(wire.header(wire.HELLO, 0, self.name, self.pools, self.processes, os.getpid(), self.run_filter))
         deadline = time.monotonic() + HANDSHAKE_S
         while time.monotonic() < deadline:
             if self.stop_signal is not None:
@@ -143,12 +158,14 @@ class Agent:
             self.notifier.watchdog()
             if sock.poll(100):
                 try:
-                    kind, fields, _ = wire.parse(sock.recv_multipart())
-                except ProtocolError as exc:  # another release's coordinator (or not a coordinator at all)
+                    answer = wire.parse(sock.recv_multipart())
+                except wire.WrongVersion as exc:  # another release's coordinator
                     raise SessionEnded("usage", f"the coordinator at {self.address} answered in a way this worker does not "
                                                 f"understand ({exc}); install the same runner version on every host") from exc
-                if kind == wire.WELCOME:
-                    return fields
-                if kind == wire.REFUSE:
-                    raise SessionEnded("refused", fields[0])
+                except ProtocolError as exc:  # damaged on the way, or not a coordinator at all: try again
+                    raise SessionEnded("lost", f"a malformed answer to the handshake ({exc})") from exc
+                if isinstance(answer.message, hm.Welcome):
+                    return answer.message
+                if isinstance(answer.message, hm.Refuse):
+                    raise SessionEnded("refused", answer.message.reason)
         raise SessionEnded("lost", "no answer to the handshake (not running yet, a wrong address, or a key the coordinator does not accept)")

@@ -12,9 +12,8 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import zmq
 
@@ -23,8 +22,9 @@ from runner.process.context import import_task
 from runner.process.handle import LocalProcess, LocalProcesses, warm_up
 from runner.process.watch import Stall, Watch
 from runner.sdnotify import Notifier
+from runner.wire import host_messages as hm
+from runner.wire import messages
 from runner.wire import zeromq as wire
-
 
 
 class AgentView(Protocol):
@@ -55,43 +55,49 @@ class SessionEnded(Exception):
 class Session:
     """One joined run: relay frames, supervise local processes, exchange heartbeats."""
 
-    def __init__(self, agent: AgentView, sock: zmq.Socket, welcome: list[Any]) -> None:
+    def __init__(self, agent: AgentView, sock: zmq.Socket, welcome: hm.Welcome) -> None:
         self.agent = agent
         self.sock = sock
-        self.run_id, self.run_name, self.host, specs, beat, start_method = welcome[:6]
-        self.specs: dict[str, dict[str, Any]] = specs
-        self.interval = float(beat["interval"])
-        self.timeout = float(beat["timeout"])
-        self.procs = LocalProcesses(start_method, self.host)
-        warm_up(start_method)
+        self.run_id, self.run_name, self.host = welcome.run_id, welcome.run_name, welcome.host
+        self.specs: dict[str, dict[str, Any]] = {pool: self._local_spec(spec) for pool, spec in welcome.specs.items()}
+        self.interval = welcome.heartbeat.interval
+        self.timeout = welcome.heartbeat.timeout
+        self.procs = LocalProcesses(welcome.start_method, self.host)
+        warm_up(welcome.start_method)
         self.procs.poller.register(sock, zmq.POLLIN)
         self.watch = Watch(self.procs, self.run_id, self.specs.get, self._stalled)
         self.last_heard = time.monotonic()
         self.next_beat = 0.0
-        self.fwd_headers: dict[str, bytes] = {}  #: FWD header per process, encoded once
+        self.sent = 0  #: the last session number sent to the coordinator (HELLO was 0)
+        self.heard = 0  #: the last session number heard from it (WELCOME was 0)
         self.next_check = 0.0
         self.stopping = False
         agent.joined = True
         agent.say(f"joined run {self.run_id} at {agent.address} as host {self.host}")
         self._check_imports()
 
+    def _local_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """A spec as this host runs it: task code is found on our own path (the folder we run in and --path),
+        never on a folder the coordinator names: a path it sends is not put on sys.path."""
+        return {**spec, "base_dir": os.getcwd(), "paths": list(self.agent.extra_path)}
+
     def _check_imports(self) -> None:
+        for extra in self.agent.extra_path:
+            if extra not in sys.path:
+                sys.path.insert(0, extra)
         for pool, spec in self.specs.items():
-            base = spec.get("base_dir")
-            local_base = base if base and Path(base).is_dir() else os.getcwd()
-            spec["base_dir"] = local_base
-            for extra in self.agent.extra_path:
-                if extra not in sys.path:
-                    sys.path.insert(0, extra)
             try:
-                import_task(spec["task"], local_base)
+                import_task(spec["task"], spec["base_dir"])
             except UsageError as exc:
                 self._send(wire.BYE, f"cannot import the task of pool {pool}: {exc}")
-                raise SessionEnded("usage", f"{exc} (on host {self.host}; install the task code here or pass --path)") from exc
+                raise SessionEnded("usage", f"{exc} (on host {self.host}; install the task code here, run in its folder, or pass --path)") from exc
+            except Exception as exc:  # a task reference that is not even a string: the coordinator's spec is broken
+                raise SessionEnded("reset", f"a malformed pool spec for {pool}: {exc!r}") from exc
 
     def _send(self, kind: int, *fields: Any, frame: bytes | None = None) -> None:
         """Send, waiting (at most the heartbeat timeout) while ZeroMQ's queue to the coordinator is full."""
-        parts = [wire.header(kind, *fields)]
+        self.sent += 1
+        parts = [wire.header(kind, self.sent, *fields)]
         if frame is not None:
             parts.append(frame)
         try:
@@ -140,14 +146,8 @@ class Session:
             raise SessionEnded("stopped")
 
     def _relay(self, proc: LocalProcess) -> None:
-        head = self.fwd_headers.get(proc.name)
-        if head is None:
-            head = self.fwd_headers[proc.name] = wire.header(wire.FWD, proc.name)
         for frame in proc.reader.read():
-            try:
-                self.sock.send_multipart([head, frame], zmq.NOBLOCK)
-            except zmq.Again:
-                self._send(wire.FWD, proc.name, frame=frame)  # waits, bounded by the heartbeat timeout
+            self._send(wire.FWD, proc.name, frame=frame)  # waits, bounded by the heartbeat timeout
 
     def _report_exit(self, proc: LocalProcess) -> None:
         running = proc.running_job()
@@ -156,7 +156,7 @@ class Session:
                    ended.cause)
 
     def _stalled(self, stall: Stall) -> None:
-        self._send(wire.STALLED, stall.worker, list(stall.running), round(stall.running_s, 3), round(stall.silent_s, 3),
+        self._send(wire.STALLED, stall.worker, list(stall.running), max(0.0, round(stall.running_s, 3)), max(0.0, round(stall.silent_s, 3)),
                    stall.stall_timeout, stall.action, stall.stack)
 
     def _answer_stacks(self, request: int) -> Callable[[dict[str, Any]], None]:
@@ -168,40 +168,61 @@ class Session:
         for proc in self.procs.procs.values():
             running = proc.running_job()
             report[proc.name] = {"rss": proc.rss, "running": list(running) if running else None,
-                                 "running_s": round(now - proc.job_started_at(), 3) if running else None}
+                                 "running_s": max(0.0, round(now - proc.job_started_at(now), 3)) if running else None}
         return report
 
     def _drain(self) -> None:
+        """Every message waiting from the coordinator, checked by kind; a bad one or a gap resets the session."""
         while True:
             try:
                 parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                kind, fields, frame = wire.parse(parts)
+                envelope = wire.parse(parts)
             except ProtocolError as exc:
-                self.agent.say(f"warning: dropped a bad message from the coordinator: {exc}")
-                continue
+                self._broken(f"a malformed message from the coordinator: {exc}")
+            if envelope.kind == wire.RESET:
+                raise SessionEnded("reset", f"the coordinator reset the session: {envelope.message.reason}")  # type: ignore[attr-defined]
+            if envelope.kind not in wire.SESSION_KINDS:
+                self._broken(f"an unexpected message kind {envelope.kind} from the coordinator")
+            if envelope.seq != self.heard + 1:
+                self._broken(f"message {envelope.seq} from the coordinator after {self.heard}: lost, repeated or reordered")
+            self.heard = envelope.seq
             self.last_heard = time.monotonic()
-            if kind == wire.TO:
-                proc = self.procs.procs.get(fields[0])
-                if proc is not None and frame is not None:
-                    self.procs.send(proc, frame)
-            elif kind == wire.SPAWN:
-                name, pool, role, index, restart, spec = fields[:6]
-                spec = {**self.specs.get(pool, {}), **spec, "base_dir": self.specs.get(pool, {}).get("base_dir", spec.get("base_dir"))}
-                self.procs.start(name, pool, role, index, spec)
-            elif kind == wire.SIGNAL:
-                proc = self.procs.procs.get(fields[0])
-                if proc is not None:
-                    self.procs.signal(proc, fields[1], fields[2] if len(fields) > 2 else None)
-            elif kind == wire.STACKS:
-                self.watch.busy_stacks(time.monotonic(), self._answer_stacks(fields[0]))
-            elif kind == wire.BYE:
-                self._send(wire.BYE, "bye")
-                raise SessionEnded("done", f"{self.run_id}: {fields[0] if fields else 'over'}")
-            elif kind == wire.RESET:
-                raise SessionEnded("reset", f"the coordinator reset the session: {fields[0] if fields else ''}")
+            if envelope.frame is not None:
+                try:  # what goes into a process's inbox is checked here, before a process can choke on it
+                    messages.decode_to_process(envelope.frame)
+                except ProtocolError as exc:
+                    self._broken(f"a malformed message for a process from the coordinator: {exc}")
+            self._on_message(envelope.message, envelope.frame)
+
+    def _broken(self, why: str) -> NoReturn:
+        """This session cannot be trusted any more: say so, tell the coordinator, and join again."""
+        self.agent.say(f"warning: {why}; joining again")
+        try:
+            self._send(wire.BYE, f"reset: {why[:200]}")
+        except SessionEnded:
+            pass
+        raise SessionEnded("reset", why)
+
+    def _on_message(self, message: hm.HostMessage, frame: bytes | None) -> None:
+        if isinstance(message, hm.To):
+            proc = self.procs.procs.get(message.worker)
+            if proc is not None and frame is not None:
+                self.procs.send(proc, frame)
+        elif isinstance(message, hm.Spawn):
+            spec = self._local_spec({**self.specs.get(message.pool, {}), **message.spec})
+            self.procs.start(message.worker, message.pool, message.role, message.index, spec)
+        elif isinstance(message, hm.Signal):
+            proc = self.procs.procs.get(message.worker)
+            if proc is not None:
+                self.procs.signal(proc, message.signum, message.reason)
+        elif isinstance(message, hm.Stacks):
+            self.watch.busy_stacks(time.monotonic(), self._answer_stacks(message.request))
+        elif isinstance(message, hm.Bye):
+            self._send(wire.BYE, "bye")
+            raise SessionEnded("done", f"{self.run_id}: {message.reason or 'over'}")
 
     def _kill_all(self, outcome: str) -> None:
         """Leave nothing behind: our processes' jobs belong to the coordinator's ledger, not to us."""

@@ -6,6 +6,7 @@ User mistakes (config, flags, task imports) print one paragraph and exit 2; `--d
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -125,9 +126,12 @@ def _launch(cfg: Config, bind: Optional[str], keys: Optional[Path], insecure: bo
         coordinator_keys = wire.CoordinatorKeys(keys) if keys else None
         if address:
             wire.require_security(address, coordinator_keys, insecure, "--keys", lambda m: _stderr().print(m, markup=False))
+        wire.control_dir()  # checked before anything starts: ours, 0700, not a symlink
         tty = sys.stderr.isatty()
         display = Display(_stderr(), QuietConsole(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False), tty)
-        coordinator = Coordinator(cfg, display, address, coordinator_keys, resume, rerun)
+        # no --keys and no --insecure: the run makes its own keys (a resumed or retried run, under the same run id, keeps them)
+        coordinator = Coordinator(cfg, display, address, coordinator_keys, resume, rerun,
+                                  run_keys=bool(address) and not keys and not insecure)
     except RunnerError as exc:
         _fail(exc)
         return
@@ -246,13 +250,19 @@ def worker(
 
     console = _stderr()
     try:
+        if name is not None and not re.fullmatch(wire.HOST_NAME.strip("^$"), name):
+            raise UsageError(f"--name {name!r}: a worker name is 1 to 64 letters, digits, '.', '_' or '-'")
         worker_keys = wire.WorkerKeys(keys, name) if keys else None
         wire.require_security(connect, worker_keys, insecure, "--keys", lambda m: console.print(m, markup=False))
+        # no --keys on loopback: use the keys of this user's run at that address (found again for every session)
+        discover = worker_keys is None and not insecure
+        if discover:
+            wire.control_dir()
     except RunnerError as exc:
         _fail(exc)
         return
     pools = list(dict.fromkeys(pool or []))  # `--pool src --pool src` serves src once
-    agent = Agent(connect, pools, processes, name, worker_keys, give_up, serve, run, _say(console), path or [])
+    agent = Agent(connect, pools, processes, name, worker_keys, give_up, serve, run, _say(console), path or [], discover)
     raise typer.Exit(int(agent.run()))
 
 
@@ -271,7 +281,8 @@ def _control(run_id: Optional[str], logs_dir: Path, connect: Optional[str], keys
 
     timeout = 10.0 if fields else 5.0  # stacks take a moment: the coordinator waits up to 3 s for worker hosts'
     if connect:
-        return wire.request(connect, kind, wire.WorkerKeys(keys, name) if keys else None, timeout, *fields)
+        # without --keys: the keys of this user's run at that address, if it is one (loopback is not a trust boundary)
+        return wire.request(connect, kind, wire.WorkerKeys(keys, name) if keys else wire.find_run_keys(connect), timeout, *fields)
     address = _local_control(run_id, logs_dir)
     return wire.request(address, kind, None, timeout, *fields)
 

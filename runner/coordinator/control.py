@@ -1,8 +1,8 @@
 """The local control socket: `runner status` and `runner stop` for the user who started the run.
 
-  client -> coordinator   [STATUS] / [STOP_RUN]        (runner.wire.zeromq headers)
+  client -> coordinator   [STATUS] / [STOP_RUN]        (runner.wire.host_messages, checked like any message)
                           [STATUS, {"stacks": true}]   the status with every busy process's stack
-  coordinator -> client   [REPLY, dict]                the status, or {"ok": true, "run_id": ...}
+  coordinator -> client   [REPLY, dict]                the status, {"ok": true, "run_id": ...}, or {"error": ...}
 
 A status with stacks is answered later, once the stacks are in (`later`): the loop never waits.
 
@@ -42,23 +42,27 @@ class ControlSocket:
             except zmq.Again:
                 return
             try:
-                kind, fields, _ = wire.parse(parts)
+                envelope = wire.parse(parts)
+                kind = envelope.kind
+                if kind not in (wire.STATUS, wire.STOP_RUN):
+                    raise ProtocolError(f"message kind {kind} is not a control request (STATUS, STOP_RUN)")
+                if self._later is not None and wire.wants_stacks(envelope):
+                    self._later(self._answer_to(identity))
+                    continue
+                body = self._reply(kind)
             except ProtocolError as exc:
                 self.log.error("protocol.error", peer="control", error=str(exc))
-                continue
-            if self._later is not None and wire.wants_stacks(kind, fields):
-                self._later(self._answer_to(identity))
-                continue
-            self._send(identity, self._reply(kind))
+                body = {"error": f"bad request: {exc}"}
+            self._send(identity, body)
 
     def _answer_to(self, identity: bytes) -> Callable[[dict[str, Any]], None]:
         return lambda reply: self._send(identity, reply)
 
     def _send(self, identity: bytes, reply: dict[str, Any]) -> None:
         try:
-            self.sock.send_multipart([identity, wire.header(wire.REPLY, reply)], zmq.NOBLOCK)
+            self.sock.send_multipart([identity, wire.header(wire.REPLY, 0, reply)], zmq.NOBLOCK)
         except zmq.ZMQError:
-            pass  # the client is gone (a status that waited for stacks and gave up): nobody to tell
+            pass  # the client left or stopped reading (a status that waited for stacks and gave up): nobody to tell
 
     def close(self) -> None:
         self.sock.close(0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from runner.config import ConsumerConfig
@@ -20,6 +20,7 @@ from runner.coordinator.ledger import Ledger
 from runner.coordinator.members import LocalMember, Member, RemoteMember
 from runner.process.handle import LocalProcesses
 from runner.process.watch import Stall, Watch
+from runner.wire import host_messages as hm
 
 if TYPE_CHECKING:
     from runner.coordinator.hosts import Hosts
@@ -56,7 +57,7 @@ class StackRound:
         self.answer = answer
         self.hosts = hosts  #: worker hosts still to answer (by name)
         self.local: dict[str, dict[str, Any]] | None = None
-        self.remote: dict[str, dict[str, dict[str, Any]]] = {}
+        self.remote: dict[str, Mapping[str, Mapping[str, Any]]] = {}
         self.deadline = deadline
 
 
@@ -86,11 +87,9 @@ class Health:
         if member is not None:
             self.log_stall(member, stall.running, stall.running_s, stall.silent_s, stall.stall_timeout, stall.action, stall.stack)
 
-    def on_remote_stall(self, member: Member, fields: list[Any]) -> None:
-        """[STALLED, worker, running, running_s, silent_s, stall_timeout, action, stack] from a worker host."""
-        running, running_s, silent_s, timeout, action, stack = fields[1:7]
-        self.log_stall(member, (int(running[0]), int(running[1])), float(running_s), float(silent_s), float(timeout), str(action),
-                       str(stack))
+    def on_remote_stall(self, member: Member, stall: hm.Stalled) -> None:
+        """A worker host's STALLED (checked on arrival)."""
+        self.log_stall(member, stall.running, stall.running_s, stall.silent_s, stall.stall_timeout, stall.action, stall.stack)
 
     def _job_of(self, member: Member, running: tuple[int, int] | list[int] | None) -> tuple[int | None, int | None]:
         """(job id, attempt) of (batch id, index) if that batch is still the member's."""
@@ -125,19 +124,15 @@ class Health:
                 supervisor.stop(member, "memory")
                 supervisor.signal(member, signal.SIGTERM)  # the job in hand ends first; the rest of its batch goes back
 
-    def on_host_heartbeat(self, members: dict[str, RemoteMember], procs: Any) -> None:
-        """A worker host's heartbeat: {worker: {rss, running, running_s}} for its processes."""
-        if not isinstance(procs, dict):
-            return
+    def on_host_heartbeat(self, members: dict[str, RemoteMember], procs: dict[str, hm.ProcInfo]) -> None:
+        """A worker host's heartbeat (checked on arrival): {worker: {rss, running, running_s}} for its processes."""
         now = time.monotonic()
         for name, info in procs.items():
             member = members.get(name)
-            if member is None or not isinstance(info, dict):
+            if member is None:
                 continue
-            rss = info.get("rss")
-            member.rss = rss if isinstance(rss, int) else None
-            running = info.get("running")
-            job = (int(running[0]), int(running[1])) if isinstance(running, list) and len(running) == 2 else None
+            member.rss = info.get("rss")
+            job = info.get("running")
             member.remote_job = (job, float(info.get("running_s") or 0.0), now) if job else None
 
     # -- runner status --stacks ----------------------------------------------------------------
@@ -158,15 +153,15 @@ class Health:
 
         self.watch.busy_stacks(now, local)
 
-    def on_stack_dumps(self, host: str, request: int, dumps: Any) -> None:
+    def on_stack_dumps(self, host: str, request: int, dumps: dict[str, hm.StackDump]) -> None:
         round_ = self.rounds.get(request)
-        if round_ is not None and host in round_.hosts and isinstance(dumps, dict):
+        if round_ is not None and host in round_.hosts:
             round_.hosts.discard(host)
             round_.remote[host] = dumps
 
     def _stack_entries(self, round_: StackRound) -> list[dict[str, Any]]:
         supervisor = self.supervisor
-        found: list[tuple[Member | None, dict[str, Any]]] = [(supervisor.local.get(name), dump)
+        found: list[tuple[Member | None, Mapping[str, Any]]] = [(supervisor.local.get(name), dump)
                                                              for name, dump in (round_.local or {}).items()]
         for host, dumps in round_.remote.items():
             found += [(supervisor.find(f"{host}/{name}"), dump) for name, dump in dumps.items() if isinstance(dump, dict)]

@@ -22,21 +22,11 @@ from runner.config import RunConfig
 from runner.coordinator.members import Member, RemoteMember
 from runner.errors import ProtocolError
 from runner.process.handle import Exit
+from runner.wire import host_messages as hm
 from runner.wire import zeromq as wire
 
-
-#: most processes per pool a worker host may ask for (a HELLO field: checked, never trusted)
-MAX_HOST_PROCESSES = 1024
-#: what a worker host may say a dead process's job in hand is charged with (EXITED's cause)
-CAUSES = frozenset({"crashed", "timed_out", "stalled", "memory"})
-
-
-def _ints(value: Any, n: int) -> bool:
-    return isinstance(value, list) and len(value) == n and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-
-
-def _strs(value: Any, n: int | None = None) -> bool:
-    return isinstance(value, list) and (n is None or len(value) == n) and all(isinstance(v, str) for v in value)
+#: how often the authorized keys are read again (a revoked key stops working within this, and the heartbeat timeout)
+KEYS_RELOAD_S = 1.0
 
 
 class HostEvents(Protocol):
@@ -61,11 +51,11 @@ class HostEvents(Protocol):
 
     def status_with_stacks(self, answer: Any) -> None: ...
 
-    def on_stalled(self, member: Member, fields: list[Any]) -> None: ...
+    def on_stalled(self, member: Member, stall: hm.Stalled) -> None: ...
 
-    def on_stack_dumps(self, host: str, request: int, dumps: Any) -> None: ...
+    def on_stack_dumps(self, host: str, request: int, dumps: dict[str, hm.StackDump]) -> None: ...
 
-    def on_heartbeat(self, host: RemoteHost, procs: Any) -> None: ...
+    def on_heartbeat(self, host: RemoteHost, procs: dict[str, hm.ProcInfo]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -78,6 +68,9 @@ class RemoteHost:
     last_seen: float
     procs: dict[str, RemoteMember] = field(default_factory=dict)
     leaving: bool = False
+    public_key: str | None = None  #: its CURVE key (z85), as ZAP authenticated it
+    sent: int = 0  #: the last session number sent to it
+    heard: int = 0  #: the last session number heard from it
 
     def capacity(self, configured: int) -> int:
         return self.processes if self.processes is not None else max(configured, 1)
@@ -95,6 +88,9 @@ class Hosts:
         self.hosts: dict[bytes, RemoteHost] = {}
         self.heartbeat = events.run_cfg.heartbeat
         self._next_beat = 0.0
+        self.authorized = keys.authorized if keys is not None else None
+        self._next_keys = 0.0
+        self._keys_seen: list[tuple[str, int]] | None = None
 
     def by_name(self, name: str) -> RemoteHost | None:
         return next((h for h in self.hosts.values() if h.name == name), None)
@@ -104,25 +100,26 @@ class Hosts:
         """Handle every message waiting on the socket (never blocks, never raises on bad input)."""
         while True:
             try:
-                parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            identity, rest = parts[0], parts[1:]
+            identity, rest = frames[0].bytes, [f.bytes for f in frames[1:]]
             try:
-                kind, fields, frame = wire.parse(rest)
-                self._on_message(identity, kind, fields, frame)
+                self._on_message(identity, wire.parse(rest), frames[1] if len(frames) > 1 else None)
             except ProtocolError as exc:
-                host = self.hosts.get(identity)
-                self.log.error("protocol.error", peer=host.name if host else identity.hex(), error=str(exc))
-                if isinstance(exc, wire.WrongVersion) and host is None:
-                    # a worker of another release: tell it, instead of leaving it to time out wondering
-                    self._send(identity, wire.REFUSE, f"{exc}: install the same runner version on every host")
-            except (TypeError, ValueError, IndexError, KeyError) as exc:
-                host = self.hosts.get(identity)
-                self.log.error("protocol.error", peer=host.name if host else identity.hex(), error=f"malformed message: {exc!r}")
+                self._bad_message(identity, exc)
         while self.refusals.seen:
             self.log.warning("host.refused", reason=self.refusals.seen.popleft())
         self._drain_monitor()
+
+    def _bad_message(self, identity: bytes, exc: ProtocolError) -> None:
+        host = self.hosts.get(identity)
+        self.log.error("protocol.error", peer=host.name if host else identity.hex(), error=str(exc))
+        if host is not None:
+            self._reset(host, f"it sent a malformed message ({str(exc)[:200]})")
+        elif isinstance(exc, wire.WrongVersion):
+            # a worker of another release: tell it, instead of leaving it to time out wondering
+            self._send(identity, wire.REFUSE, f"{exc}: install the same runner version on every host")
 
     def _drain_monitor(self) -> None:
         while True:
@@ -138,119 +135,125 @@ class Hosts:
             self.log.error("protocol.error", peer=f"a connection to {self.address}",
                            error=f"ZeroMQ handshake failed ({detail}): not a runner worker, or no CURVE keys")
 
-    def _send(self, identity: bytes, kind: int, *fields: Any, frame: bytes | None = None) -> None:
-        parts = [identity, wire.header(kind, *fields)]
+    def _send(self, identity: bytes, kind: int, *fields: Any, frame: bytes | None = None) -> bool:
+        """Send one message; a known host that cannot take it is reset (never a silent loss). False if not sent."""
+        host = self.hosts.get(identity)
+        seq = 0
+        if host is not None and kind in wire.SESSION_KINDS:
+            host.sent += 1
+            seq = host.sent
+        parts = [identity, wire.header(kind, seq, *fields)]
         if frame is not None:
             parts.append(frame)
+        return self._deliver(host, parts)
+
+    def _deliver(self, host: RemoteHost | None, parts: list[bytes]) -> bool:
         try:
             self.sock.send_multipart(parts, zmq.NOBLOCK)
-        except zmq.Again:
-            # Never drop a message silently: the ledger would wait for it for ever. A host this far
-            # behind is treated as lost, and what it held goes back to the queue.
-            host = self.hosts.get(identity)
-            if host is not None:
-                self._drop(host, "host.lost", "its send queue is full (it stopped reading)")
+            return True
+        except zmq.ZMQError as exc:  # EAGAIN: past its high-water mark; EHOSTUNREACH: disconnected (ROUTER_MANDATORY)
+            if host is not None and host.identity in self.hosts:
+                why = "its send queue is full (it stopped reading)" if exc.errno == zmq.EAGAIN else f"it cannot be reached ({exc.strerror})"
+                self._drop(host, "host.lost", why)
+            return False
 
-    def _on_message(self, identity: bytes, kind: int, fields: list[Any], frame: bytes | None) -> None:
-        events = self.events
-        if wire.wants_stacks(kind, fields):
+    def _on_message(self, identity: bytes, envelope: hm.Envelope, first: Any) -> None:
+        events, kind, message = self.events, envelope.kind, envelope.message
+        if wire.wants_stacks(envelope):
             events.status_with_stacks(lambda reply: self._send(identity, wire.REPLY, reply))
             return
         if kind in (wire.STATUS, wire.STOP_RUN):
             self._send(identity, wire.REPLY, events.control_reply(kind))
             return
         if kind == wire.HELLO:
-            self._on_hello(identity, fields)
+            assert isinstance(message, hm.Hello)
+            self._on_hello(identity, message, _user_id(first))
             return
         host = self.hosts.get(identity)
         if host is None:
             if kind != wire.BYE:
                 self._send(identity, wire.RESET, "unknown session: join again")
             return
-        host.last_seen = time.monotonic()
-        if kind == wire.FWD:
-            proc = host.procs.get(fields[0])
-            if proc is None or frame is None:
-                raise ProtocolError(f"frame from unknown process {fields[0]!r}")
-            events.on_frame(proc, frame)
-        elif kind == wire.EXITED:
-            worker, code, signal_name, reason, running, fatal = fields[:6]
-            cause = fields[6] if len(fields) > 6 and fields[6] in CAUSES else "crashed"
-            if not (_ints(running, 2) or running is None) or not (fatal is None or _strs(fatal, 2)) or not isinstance(reason, str):
-                raise ProtocolError(f"malformed EXITED for {worker!r}")  # checked before the process is forgotten
-            proc = host.procs.pop(worker, None)
-            if proc is not None:
-                proc.remote_running = tuple(running) if running else None  # type: ignore[assignment]
-                if fatal:
-                    proc.fatal = tuple(fatal)  # type: ignore[assignment]
-                events.on_exit(proc, Exit(code, signal_name, reason, cause))
-        elif kind == wire.STALLED:
-            proc = host.procs.get(fields[0])
-            if not (proc is not None and _ints(fields[1], 2) and len(fields) >= 7 and isinstance(fields[6], str)):
-                raise ProtocolError(f"malformed STALLED for {fields[0]!r}")
-            events.on_stalled(proc, fields)
-        elif kind == wire.STACK_DUMPS:
-            events.on_stack_dumps(host.name, fields[0], fields[1])
-        elif kind == wire.HEARTBEAT:
-            if fields:
-                events.on_heartbeat(host, fields[0])
-        elif kind == wire.BYE:
-            self._drop(host, "host.left", f"left: {fields[0] if fields else 'bye'}")
-        else:
+        if kind not in wire.SESSION_KINDS:
             raise ProtocolError(f"unexpected message kind {kind} from a worker")
+        if envelope.seq != host.heard + 1:
+            what = "repeated" if envelope.seq <= host.heard else f"{envelope.seq - host.heard - 1} lost"
+            self.log.error("protocol.error", peer=host.name, error=f"message {envelope.seq} after {host.heard}: {what} (or reordered)")
+            self._reset(host, f"messages {what} between it and the coordinator")
+            return
+        host.heard = envelope.seq
+        host.last_seen = time.monotonic()
+        if isinstance(message, hm.Fwd):
+            proc = host.procs.get(message.worker)
+            if proc is None:
+                return  # a process that ended (its EXITED crossed this frame): what it held is settled already
+            assert envelope.frame is not None
+            events.on_frame(proc, envelope.frame)
+        elif isinstance(message, hm.Exited):
+            proc = host.procs.pop(message.worker, None)
+            if proc is not None:
+                proc.remote_running = message.running
+                if message.fatal:
+                    proc.fatal = message.fatal
+                events.on_exit(proc, Exit(message.code, message.signal, message.reason, message.cause))
+        elif isinstance(message, hm.Beat):
+            if message.procs is not None:
+                events.on_heartbeat(host, message.procs)
+        elif isinstance(message, hm.Stalled):
+            proc = host.procs.get(message.worker)
+            if proc is not None:  # else it ended (its EXITED crossed this): its job is settled already
+                events.on_stalled(proc, message)
+        elif isinstance(message, hm.StackDumps):
+            events.on_stack_dumps(host.name, message.request, message.dumps)
+        elif isinstance(message, hm.Bye):
+            self._drop(host, "host.left", f"left: {message.reason or 'bye'}")
 
-    def _on_hello(self, identity: bytes, fields: list[Any]) -> None:
-        name, pools, processes, pid, run = fields[:5]
+    def _on_hello(self, identity: bytes, hello: hm.Hello, public_key: str | None) -> None:
         events = self.events
-        if not (isinstance(name, str) and 0 < len(name) <= 255 and _strs(pools) and isinstance(pid, int)
-                and (run is None or isinstance(run, str))
-                and (processes is None or (_ints([processes], 1) and 1 <= processes <= MAX_HOST_PROCESSES))):
-            raise ProtocolError(f"malformed HELLO (name, pools, processes 1..{MAX_HOST_PROCESSES}, pid, run)")
-        if run and run not in (events.run_id, events.run_cfg.name):
-            self._send(identity, wire.REFUSE, f"this coordinator runs {events.run_id}, not {run}")
+        if hello.run and hello.run not in (events.run_id, events.run_cfg.name):
+            self._send(identity, wire.REFUSE, f"this coordinator runs {events.run_id}, not {hello.run}")
             return
         known = events.run_cfg
         all_pools = [p.name for p in known.producers] + [c.name for c in known.consumers]
-        unknown = [p for p in pools if p not in all_pools]
+        unknown = [p for p in hello.pools if p not in all_pools]
         if unknown:
             self._send(identity, wire.REFUSE, f"no pool {', '.join(unknown)} in run {events.run_id}; pools are {', '.join(all_pools)}")
             return
         if events.state != "running":
             self._send(identity, wire.REFUSE, f"run {events.run_id} is {events.state}")
             return
-        old = self.hosts.get(identity)
-        if old is not None:
+        for old in [h for h in self.hosts.values() if h.identity == identity or (h.name == hello.name and h.pid == hello.pid)]:
+            # the same agent again (a new socket after a reset or a lost connection): its earlier session is void
             self._drop(old, "host.lost", "joined again: its earlier session is void")
         taken = {h.name for h in self.hosts.values()}
-        unique, n = name, 2
+        unique, n = hello.name, 2
         while unique in taken or unique == events.host:
-            unique, n = f"{name}-{n}", n + 1
-        host = RemoteHost(identity, unique, list(dict.fromkeys(pools)) or [c.name for c in known.consumers], processes, pid, time.monotonic())
+            unique, n = f"{hello.name}-{n}", n + 1
+        pools = list(dict.fromkeys(hello.pools)) or [c.name for c in known.consumers]  # `--pool a --pool a` serves a once
+        host = RemoteHost(identity, unique, pools, hello.processes, hello.pid, time.monotonic(), public_key=public_key)
         self.hosts[identity] = host
         specs = {pool: events.pool_spec(pool) for pool in host.pools}
         self._send(identity, wire.WELCOME, events.run_id, known.name, unique, specs,
                    {"interval": self.heartbeat.interval, "timeout": self.heartbeat.timeout}, known.start_method)
-        self.log.info("host.joined", host=unique, pools=host.pools, processes=processes, agent_pid=pid)
+        self.log.info("host.joined", host=unique, pools=host.pools, processes=hello.processes, agent_pid=hello.pid)
         events.on_host_joined(host)
 
     # -- sending -----------------------------------------------------------------------------
     def spawn(self, host: RemoteHost, name: str, pool: str, role: str, index: int, restart: int, spec: dict[str, Any]) -> RemoteMember:
         proc = RemoteMember(name, pool, role, index, restart, host.name)
-        proc.route = (host.identity, wire.header(wire.TO, name))
+        proc.route = host
         host.procs[name] = proc
         self._send(host.identity, wire.SPAWN, name, pool, role, index, restart, spec)
         return proc
 
     def send(self, proc: Member, frame: bytes) -> None:
-        """A frame into a remote process's inbox (the hot path: the header was encoded at spawn)."""
+        """A frame into a remote process's inbox (the hot path: one small header per batch)."""
         assert isinstance(proc, RemoteMember)
-        identity, head = proc.route
-        if identity not in self.hosts:
+        host = proc.route
+        if host.identity not in self.hosts:
             return  # its host is gone; the ledger has already taken its jobs back
-        try:
-            self.sock.send_multipart([identity, head, frame], zmq.NOBLOCK)
-        except zmq.Again:
-            self._drop(self.hosts[identity], "host.lost", "its send queue is full (it stopped reading)")
+        host.sent += 1
+        self._deliver(host, [host.identity, wire.header(wire.TO, host.sent, proc.name), frame])
 
     def signal(self, proc: Member, signum: int, reason: str | None) -> None:
         host = self.by_name(proc.host)
@@ -268,6 +271,9 @@ class Hosts:
 
     # -- time --------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
+        if self.auth is not None and self.authorized is not None and now >= self._next_keys:
+            self._next_keys = now + min(KEYS_RELOAD_S, self.heartbeat.interval)
+            self._reload_keys()
         if now >= self._next_beat:
             self._next_beat = now + self.heartbeat.interval
             for host in list(self.hosts.values()):
@@ -276,6 +282,33 @@ class Hosts:
             silent = now - host.last_seen
             if silent > self.heartbeat.timeout:
                 self._drop(host, "host.lost", f"no heartbeat for {silent:.1f}s (heartbeat.timeout {self.heartbeat.timeout:g}s)")
+
+    def _reload_keys(self) -> None:
+        """pyzmq's authenticator reads authorized/ once: read it again when it changes, and drop hosts whose key left it."""
+        assert self.authorized is not None and self.auth is not None
+        try:
+            listing = sorted((p.name, p.stat().st_mtime_ns) for p in self.authorized.iterdir())
+        except OSError:
+            listing = []
+        if listing == self._keys_seen:
+            return
+        self._keys_seen = listing
+        self.auth.configure_curve(domain="*", location=str(self.authorized))
+        allowed = wire.authorized_keys(self.authorized)
+        for host in list(self.hosts.values()):
+            if host.public_key is not None and host.public_key not in allowed:
+                self.log.warning("host.refused", host=host.name, reason=f"its key was removed from {self.authorized}")
+                self._reset(host, "its CURVE key is no longer authorized")
+
+    def reset_host(self, name: str, reason: str) -> None:
+        host = self.by_name(name)
+        if host is not None:
+            self._reset(host, reason)
+
+    def _reset(self, host: RemoteHost, reason: str) -> None:
+        """A broken session: the host's jobs go back to the queue now, and it is told to join again."""
+        self._drop(host, "host.lost", f"reset: {reason}")
+        self._send(host.identity, wire.RESET, reason)
 
     def _drop(self, host: RemoteHost, event: str, reason: str) -> None:
         """A host is gone: its processes end now and their jobs go back to the queue."""
@@ -291,25 +324,36 @@ class Hosts:
         """Tell every host the run is over and wait (briefly) for each to answer: delivery by acknowledgement,
         not by linger."""
         waiting = set(self.hosts)
-        for identity in waiting:
-            self._send(identity, wire.BYE, reason)
+        for identity in list(waiting):
+            if not self._send(identity, wire.BYE, reason):
+                waiting.discard(identity)
         deadline = time.monotonic() + wait
         while waiting and time.monotonic() < deadline:
             if not self.sock.poll(50):
                 continue
             parts = self.sock.recv_multipart()
             try:
-                kind, _, _ = wire.parse(parts[1:])
+                kind = wire.parse(parts[1:]).kind
             except ProtocolError:
                 continue
             if kind == wire.BYE:
                 waiting.discard(parts[0])
-            elif parts[0] in waiting and kind != wire.BYE:
+            elif parts[0] in waiting:
                 self._send(parts[0], wire.BYE, reason)
         for identity in waiting:
-            self.log.warning("host.left", host=self.hosts[identity].name, reason="did not acknowledge the end of the run")
+            if identity in self.hosts:
+                self.log.warning("host.left", host=self.hosts[identity].name, reason="did not acknowledge the end of the run")
         self.sock.disable_monitor()
         self.monitor.close(0)
         self.sock.close(0)
         if self.auth is not None:
             self.auth.stop()
+
+
+def _user_id(frame: Any) -> str | None:
+    """The CURVE key ZAP authenticated this message's sender with (z85), None without CURVE."""
+    try:
+        user = frame.get("User-Id") if frame is not None else None
+    except (zmq.ZMQError, AttributeError):
+        return None
+    return user or None

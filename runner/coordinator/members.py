@@ -48,6 +48,7 @@ class Member:
     progress: tuple[int, int, Any] | None = None  #: (batch id, index, progress) of its last ctx.heartbeat(**progress)
     rss: int | None = None  #: its RSS at the last sample its worker host sent (remote processes)
     recycled_rss: int | None = None  #: its RSS when it was recycled for going over max_rss
+    protocol_error: str | None = None  #: it sent a malformed message: killed (or its host reset), nothing more it sends counts
 
     remote = False
 
@@ -93,7 +94,7 @@ class LocalMember(Member):
 
 @dataclass(eq=False)
 class RemoteMember(Member):
-    route: Any = None  #: (host identity, TO header), encoded once at spawn
+    route: Any = None  #: the RemoteHost it runs on (its identity and session numbers)
     remote_running: tuple[int, int] | None = None  #: its job in hand when it ended (from EXITED)
     remote_job: tuple[tuple[int, int], float, float] | None = None  #: (job, seconds run, when heard) from its host's heartbeat
 

@@ -38,8 +38,8 @@ from runner.backoff import backoff
 from runner.config import Config
 from runner.coordinator import report
 from runner.coordinator.control import ControlSocket
-from runner.coordinator.failsafe import WATCHDOG_EXTRA_S, Watchdog, kill_children
 from runner.coordinator.durable import RunJournal, open_journal, restore
+from runner.coordinator.failsafe import WATCHDOG_EXTRA_S, Watchdog, kill_children
 from runner.coordinator.files import RunFiles, writable
 from runner.coordinator.flow import Flow
 from runner.coordinator.hosts import Hosts, RemoteHost
@@ -54,9 +54,10 @@ from runner.errors import ExitCode, ProtocolError, UsageError
 from runner.process.handle import Exit, warm_up
 from runner.sdnotify import Notifier
 from runner.timing import bucket_ms
+from runner.wire import host_messages as hm
 from runner.wire import messages
 from runner.wire import zeromq as wire
-from runner.wire.messages import BATCH, END, FATAL, GRANT, INVALID, LOCK, LOG, PROGRESS, READY, REPORT, TOTAL
+from runner.wire.messages import GRANT
 
 #: supervision tick when nothing happens (job timeouts, idle processes, retries)
 TICK_S = 0.1
@@ -81,8 +82,9 @@ def make_run_id(name: str) -> str:
 
 class Coordinator:
     def __init__(self, config: Config, display: Display, bind: str | None = None, keys: wire.CoordinatorKeys | None = None,
-                 resume: JournalState | None = None, rerun: dict[int, int] | None = None) -> None:
-        """resume: a journal read back (`runner resume`); rerun: with it, dead job id -> attempts made (`runner retry`)."""
+                 resume: JournalState | None = None, rerun: dict[int, int] | None = None, run_keys: bool = False) -> None:
+        """resume: a journal read back (`runner resume`); rerun: with it, dead job id -> attempts made (`runner retry`);
+        run_keys: no --keys and no --insecure, so the run keeps its own CURVE keys (a resumed run, the same ones)."""
         self.config = config
         run = self.run_cfg = config.run
         self.resume = resume
@@ -110,6 +112,10 @@ class Coordinator:
         self.host = logs.HOST
         self.bind = bind or run.transport.bind
         self.keys = keys
+        #: no --keys and no --insecure: the run's own CURVE keys, in the user's private control folder
+        self.run_keys = False
+        if run_keys and self.bind:
+            self.keys, self.run_keys = wire.make_run_keys(self.run_id, self.bind), True
         self.consumers = {c.name: c for c in run.consumers}
         self.ledger = Ledger(list(self.consumers))
         self.locks = LockTable()
@@ -167,7 +173,8 @@ class Coordinator:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         started = {"name": run.name, "config": self.config.path, "start_method": run.start_method, "pools": pools,
                    "log_file": str(self.log_path), "results": self.files.results_path and str(self.files.results_path),
-                   "coordinator_pid": os.getpid(), "bind": self.bind, "control": self.control_address}
+                   "coordinator_pid": os.getpid(), "bind": self.bind, "control": self.control_address,
+                   "security": self._security(), "protocol": wire.PROTOCOL_VERSION}
         try:
             if self.resume is not None:
                 self._restore(self.resume, started)
@@ -287,6 +294,12 @@ class Coordinator:
         if self.bind:
             self.hosts = self.supervisor.hosts = Hosts(self, self.log, self.context, self.bind, self.keys)
             poller.register(self.hosts.sock, zmq.POLLIN)
+
+    def _security(self) -> str | None:
+        """How worker hosts are let in (run.started's `security`): none without --bind."""
+        if not self.bind:
+            return None
+        return "run keys" if self.run_keys else "keys" if self.keys is not None else "insecure"
 
     def _close_sockets(self) -> None:
         if self.hosts is not None:
@@ -413,53 +426,73 @@ class Coordinator:
                 self.on_frame(member, frame)
 
     def on_frame(self, member: Member, frame: bytes) -> None:
-        """One frame from a process, local or relayed by its worker host (after a crash: none is read)."""
-        if self.crash is not None:
-            return
-        try:
-            self._on_message(member, messages.unpack(frame))
-        except ProtocolError as exc:
-            self.log.error("protocol.error", peer=member.key, error=str(exc))
-        except (TypeError, ValueError, IndexError, KeyError) as exc:
-            self.log.error("protocol.error", peer=member.key, error=f"malformed message: {exc!r}")
+        """One frame from a process, local or relayed by its worker host: checked by kind, then acted on
+        (after a crash: none is read).
 
-    def _on_message(self, member: Member, message: list[Any]) -> None:
-        kind = message[0]
-        if kind == REPORT:
-            self._on_report(member, *message[1:])
-        elif kind == LOG:
-            self.runlog.write(message[1])
-        elif kind == BATCH:
-            self._on_batch(member, message[1], message[2], message[3])
-        elif kind == READY:
-            if member.remote and len(message) > 1:
-                member.pid = message[1]
+        A frame that fails its check is `protocol.error`, and its sender is not trusted again: a local process
+        is SIGKILLed (its exit requeues what it held), a worker host is reset (the same, on its host)."""
+        if self.crash is not None or member.protocol_error:
+            return  # crashed, or it is already being killed or reset: nothing more it sends counts
+        try:
+            self._on_message(member, messages.decode_from_process(frame))
+        except ProtocolError as exc:
+            self._bad_peer(member, str(exc))
+
+    def _bad_peer(self, member: Member, error: str) -> None:
+        member.protocol_error = error
+        self.log.error("protocol.error", peer=member.key, error=error)
+        reason = f"sent a malformed message ({error[:200]})"
+        if member.remote:
+            if self.hosts is not None:
+                self.hosts.reset_host(member.host, f"its process {member.name} {reason}")
+        else:
+            self.supervisor.signal(member, signal.SIGKILL, f"killed: {reason}")
+
+    def _on_message(self, member: Member, message: messages.FromProcess) -> None:
+        if isinstance(message, messages.Report):
+            self._on_report(member, message)
+        elif isinstance(message, messages.Log):
+            self.runlog.write(message.line)
+        elif isinstance(message, messages.NewBatch):
+            self._on_batch(member, message.pool, message.n, message.blob)
+        elif isinstance(message, messages.Ready):
+            if member.remote and message.pid is not None:
+                member.pid = message.pid
             member.ready = True
             member.idle_since = time.monotonic()
             self.log.info("worker.started", pool=member.pool, worker=member.name, role=member.role, pid=member.pid,
                           restart=member.restart, host=member.host)
-        elif kind == LOCK:
-            self._on_lock(member, message[1], message[2], message[3])
-        elif kind == END:
-            self.supervisor.on_producer_end(member, *message[1:])
-        elif kind == INVALID:
+        elif isinstance(message, messages.Lock):
+            self._on_lock(member, message.op, message.name, message.request)
+        elif isinstance(message, messages.End):
+            if member.role != "producer":
+                raise ProtocolError("END from a consumer")
+            self.supervisor.on_producer_end(member, message.status, message.jobs, message.error, message.traceback)
+        elif isinstance(message, messages.Invalid):
+            if member.role != "producer":
+                raise ProtocolError("INVALID from a consumer")
             pool = self.run_cfg.target_of(self.run_cfg.pool(member.pool))  # type: ignore[arg-type]
-            job = Job(self.ledger.new_job_id(), pool, 0, message[2], member.key)
+            job = Job(self.ledger.new_job_id(), pool, 0, message.payload_repr, member.key)
             self.durable.invalid(pool, job.id, member.key)
             self.monitor.produced(member.pool, 1)
-            self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message[1], origin=member.key, cause="error")
-            self._dead_letter(job, message[1], None, attempts=0)
-        elif kind == FATAL:
-            member.fatal = (message[1], message[2])
-        elif kind == PROGRESS:
-            member.progress = (message[1], message[2], message[3])
-        elif kind == TOTAL:
-            self.monitor.total(member, message[1])
+            self.log.warning("job.failed", pool=pool, job_id=job.id, attempt=0, error=message.error, origin=member.key, cause="error")
+            self._dead_letter(job, message.error, None, attempts=0)
+        elif isinstance(message, messages.Fatal):
+            member.fatal = (message.error, message.traceback)
+        elif isinstance(message, messages.Progress):
+            if member.role != "consumer":
+                raise ProtocolError("PROGRESS from a producer (ctx.heartbeat is a consumer job's)")
+            member.progress = (message.batch_id, message.index, message.progress)
+        elif isinstance(message, messages.Total):
+            if member.role != "producer":
+                raise ProtocolError("TOTAL from a consumer (ctx.total is a producer's)")
+            self.monitor.total(member, message.n)
 
     def _on_batch(self, member: Member, pool: str, n: int, blob: bytes) -> None:
+        if member.role != "producer":
+            raise ProtocolError("BATCH from a consumer (consumers emit through their reports)")
         if pool not in self.consumers:
-            self.log.error("protocol.error", peer=member.name, error=f"batch for unknown pool {pool!r}")
-            return
+            raise ProtocolError(f"batch for unknown pool {pool!r}")
         batch = self.ledger.add(pool, n, blob, member.key, credit_to=member.key)
         self.durable.jobs(batch, member.key)
         self.monitor.produced(member.pool, n)
@@ -468,14 +501,17 @@ class Coordinator:
             for i in range(n):
                 self.log.info("job.queued", pool=pool, job_id=batch.first_id + i, origin=member.key)
 
-    def _on_report(self, member: Member, batch_id: int, done: int, results: Any, failures: list[Any], emits: list[Any],
-                   hist: dict[int, int]) -> None:
+    def _on_report(self, member: Member, report: messages.Report) -> None:
+        batch_id, done, results, failures, emits, hist = report.batch_id, report.done, report.results, report.failures, report.emits, report.hist
         batch = self.ledger.in_flight.get(batch_id)
         if batch is None or batch.owner != member.key:
             self.log.warning("report.stale", peer=member.name, batch=batch_id)
             return
-        if not batch.done <= done <= batch.n or any(not batch.done <= f[0] < done for f in failures):
+        if not batch.done <= done <= batch.n or any(not batch.done <= f[0] < done for f in failures) \
+                or (results and any(not batch.done <= r[0] < done for r in results)):
             raise ProtocolError(f"report for batch {batch_id} out of range (done {done} of {batch.n})")
+        if any(pool not in self.consumers for pool, _, _ in emits):
+            raise ProtocolError(f"report for batch {batch_id} emits to an unknown pool")
         if results:  # written before the ledger counts them: a write that fails (full disk) leaves them unsettled
             self.files.write_results(batch.pool, ((batch.job_id(i), r) for i, r in results))
         newly = self.ledger.settle(batch, done)
@@ -493,14 +529,13 @@ class Coordinator:
         if ok:
             self.supervisor.crash_streak[batch.pool] = 0
         for pool, n, blob in emits:
-            if pool in self.consumers:
-                self.flow.emits_to[batch.pool].add(pool)
-                emitted = self.ledger.add(pool, n, blob, member.key)
-                self.durable.jobs(emitted, None)
-                self.monitor.produced(batch.pool, n)
-                if self.run_cfg.logs.jobs == "all":
-                    for i in range(n):
-                        self.log.info("job.queued", pool=pool, job_id=emitted.first_id + i, origin=member.key)
+            self.flow.emits_to[batch.pool].add(pool)
+            emitted = self.ledger.add(pool, n, blob, member.key)
+            self.durable.jobs(emitted, None)
+            self.monitor.produced(batch.pool, n)
+            if self.run_cfg.logs.jobs == "all":
+                for i in range(n):
+                    self.log.info("job.queued", pool=pool, job_id=emitted.first_id + i, origin=member.key)
         if hist:
             self._merge_hist(batch.pool, hist)
         if done >= batch.n and batch_id in member.outstanding:
@@ -574,13 +609,13 @@ class Coordinator:
     def on_host_gone(self, name: str) -> None:
         self.supervisor.on_host_gone(name)
 
-    def on_stalled(self, member: Member, fields: list[Any]) -> None:
-        self.supervisor.health.on_remote_stall(member, fields)
+    def on_stalled(self, member: Member, stall: hm.Stalled) -> None:
+        self.supervisor.health.on_remote_stall(member, stall)
 
-    def on_stack_dumps(self, host: str, request: int, dumps: Any) -> None:
+    def on_stack_dumps(self, host: str, request: int, dumps: dict[str, hm.StackDump]) -> None:
         self.supervisor.health.on_stack_dumps(host, request, dumps)
 
-    def on_heartbeat(self, host: RemoteHost, procs: Any) -> None:
+    def on_heartbeat(self, host: RemoteHost, procs: dict[str, hm.ProcInfo]) -> None:
         self.supervisor.health.on_host_heartbeat(host.procs, procs)
 
     # -- reporting ---------------------------------------------------------------------------
@@ -628,6 +663,10 @@ class Coordinator:
                "dead_file": str(self.files.dead_path) if counts["dead"] else None}
         self.end = {**end, "pools": pools}
         level = "error" if status in ("failed", "crashed") else "info"
+        if self.run_keys and (status in ("finished", "failed") or not self.durable.on):
+            # a run that can be resumed (stopped, crashed; or killed, never here) keeps them: `runner resume`
+            # runs under the same run id, so the same keys, and workers that found them join it again
+            self._safely(wire.remove_run_keys, self.run_id)
         self._safely(self.durable.finish, status)  # before run.finished: a reader that sees the line finds the run's lock released
         self._safely(lambda: getattr(self.log, level)("run.finished", **end, pools=pools, workers=self.supervisor.worker_stats))
         self._safely(self.files.close)

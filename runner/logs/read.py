@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -183,19 +183,19 @@ def parse_when(text: str, now: float | None = None) -> str:
     spec = text.strip()
     seconds = parse_span(spec)
     if seconds is not None:
-        moment = datetime.fromtimestamp((time.time() if now is None else now) - seconds, timezone.utc)
+        moment = datetime.fromtimestamp((time.time() if now is None else now) - seconds, UTC)
     else:
         try:
             moment = datetime.fromisoformat(spec)
         except ValueError:
             raise ValueError(f"{text!r} is neither an ISO time (2026-11-26T23:30:00Z) nor a duration ago (30s, 10m, 2h, 1d)") from None
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
     return format_stamp(moment)
 
 
 def format_stamp(moment: datetime) -> str:
-    moment = moment.astimezone(timezone.utc)
+    moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 

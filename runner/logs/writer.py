@@ -19,8 +19,8 @@ import structlog
 from rich.console import Console
 from rich.text import Text
 
-from runner.logs.contract import CONTEXT_KEYS, HOST, LEVELS
 from runner import console as consoles
+from runner.logs.contract import CONTEXT_KEYS, HOST, LEVELS
 
 
 def iso_now(now: float | None = None) -> str:

@@ -40,6 +40,8 @@ from runner.wire.messages import (
     LOCK,
     LOG,
     MAX_FRAME,
+    MAX_PROGRESS,
+    MAX_SIZE,
     PROGRESS,
     READY,
     REPORT,
@@ -61,6 +63,13 @@ FAST_JOB_S = 0.00005
 #: the most a frame's payloads, results or emits may hold: the frame limit less room for the envelope
 #: and the relay header a worker host adds; a single payload or result above it fails with a size error
 FRAME_BUDGET = MAX_FRAME - 64 * 1024
+#: longest error text or traceback a message carries: the coordinator checks each kind's size on arrival
+#: (runner.wire.messages.MAX_SIZE), and an exception's message may be huge; the rest is cut
+MAX_ERROR = 64 * 1024
+
+
+def clip(text: str, limit: int = MAX_ERROR) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters cut)"
 
 
 def loggable(value: Any, depth: int = 0) -> Any:
@@ -74,10 +83,10 @@ def loggable(value: Any, depth: int = 0) -> Any:
     if depth < 32 and isinstance(value, dict):
         return {key if isinstance(key, str) else repr(key): loggable(item, depth + 1) for key, item in value.items()}
     return repr(value)
+
+
 #: ctx.heartbeat(**progress) sends its progress to the coordinator at most this often
 PROGRESS_EVERY_S = 1.0
-#: largest progress a heartbeat may carry (msgpack bytes)
-MAX_PROGRESS = 4096
 
 
 def _die_with_parent() -> None:
@@ -122,10 +131,10 @@ class ProcessLoop:
             frame = protocol.pack([LOG, line])
         except Exception:
             frame = protocol.pack([LOG, loggable(line)])
-        if len(frame) > FRAME_BUDGET:  # the line's own fields are dropped, never the work
+        if len(frame) > MAX_SIZE[LOG] or len(line) > 1000:  # the line's own fields are dropped, never the work
             short = {key: line.get(key) for key in logs.CONTEXT_KEYS}
-            frame = protocol.pack([LOG, {**loggable(short), "error": f"log line of {len(frame)} bytes is over the "
-                                         f"{MAX_FRAME >> 20} MiB frame limit: its fields were dropped"}])
+            frame = protocol.pack([LOG, {**loggable(short), "error": f"log line of {len(frame)} bytes and {len(line)} fields is over "
+                                         f"the limit of a log message ({MAX_SIZE[LOG] >> 20} MiB, 1000 fields): its fields were dropped"}])
         self.out.send(frame)
 
     def setup(self) -> bool:
@@ -149,10 +158,13 @@ class ProcessLoop:
         self.log = logs.configure(
             spec["log_level"], self._log_sink, run_id=spec["run_id"], host=spec["host"], role=spec["role"], pool=spec["pool"], worker=spec["worker"]
         )
+        for extra in reversed(spec.get("paths") or []):  # a worker host's --path (its own, never the coordinator's)
+            if extra not in sys.path:
+                sys.path.insert(0, extra)
         try:
             self.task = import_task(spec["task"], spec.get("base_dir"))
         except Exception as exc:
-            self.send([FATAL, str(exc), traceback.format_exc()])
+            self.send([FATAL, clip(str(exc)), clip(traceback.format_exc())])
             return False
         self.send([READY, os.getpid()])
         return True
@@ -265,7 +277,7 @@ class ProducerLoop(ProcessLoop):
             error = f"payload is not msgpack-encodable: {type(exc).__name__}: {exc}"
         if before:
             self._send_packed(before)
-        self.send([INVALID, error, repr(item)[:1000]])
+        self.send([INVALID, clip(error, 8192), repr(item)[:1000]])  # INVALID's size limit is 64 KiB
         self.refund += 1  # under flush_lock; the main thread takes it back (take_refunds)
         return None
 
@@ -369,7 +381,7 @@ class ProducerLoop(ProcessLoop):
             if self.stopping:
                 status = "stopped"
         except Exception as exc:
-            status, error, tb = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
+            status, error, tb = "failed", clip(f"{type(exc).__name__}: {exc}"), clip(traceback.format_exc())
         self.done.set()
         self.wake.set()
         self.flush()
@@ -404,7 +416,7 @@ class ConsumerLoop(ProcessLoop):
         if size > MAX_PROGRESS:
             raise ValueError(f"ctx.heartbeat: progress is {size} bytes encoded, more than {MAX_PROGRESS}")
         self.progress_sent = now
-        self.send([PROGRESS, self.batch_id, int(self.slot[SLOT_INDEX]), progress])
+        self.send([PROGRESS, self.batch_id, int(self.slot[SLOT_INDEX]), loggable(progress)])  # str keys: status and logs are JSON
 
     def emit(self, payload: Any, to: str | None) -> None:
         target = to or self.spec.get("emit_to")
@@ -498,8 +510,8 @@ class ConsumerLoop(ProcessLoop):
             except BaseException as exc:  # a job's failure, whatever it raised, is the job's
                 packer.reset()
                 ok = False
-                error = f"{type(exc).__name__}: {exc}"
-                trace = traceback.format_exc()
+                error = clip(f"{type(exc).__name__}: {exc}")
+                trace = clip(traceback.format_exc())
             done = index + 1
             if timed:
                 finished = monotonic()
@@ -569,7 +581,7 @@ def process_main(kind: str, spec: dict[str, Any], writer: Connection, inbox: Con
         os._exit(71)  # the coordinator is gone; nobody to report to
     except BaseException as exc:
         try:
-            loop.send([FATAL, f"{type(exc).__name__}: {exc}", traceback.format_exc()])
+            loop.send([FATAL, clip(f"{type(exc).__name__}: {exc}"), clip(traceback.format_exc())])
         finally:
             os._exit(1)
     # Leave without running the task's atexit handlers (and without multiprocessing joining anything).

@@ -98,9 +98,9 @@ class Watch:
             then(found)
             return
         for proc in busy:
-            running, started = proc.running_job(), proc.job_started_at()
+            running, started = proc.running_job(), proc.job_started_at(now)
             entry = {"pid": proc.pid, "pool": proc.pool, "running": list(running) if running else None,
-                     "running_s": round(now - started, 3), "rss": proc.rss}
+                     "running_s": max(0.0, round(now - started, 3)), "rss": proc.rss}  # never negative: STACK_DUMPS is checked
 
             def taken(stack: str, name: str = proc.name, entry: dict[str, Any] = entry) -> None:
                 found[name] = {**entry, "stack": stack}

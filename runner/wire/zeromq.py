@@ -1,30 +1,8 @@
 """ZeroMQ between hosts: a ROUTER at the coordinator, a DEALER per worker host, CURVE by pyzmq's zmq.auth.
 
-Wire format: every message is one or two ZeroMQ frames. The first is a msgpack array
-`[PROTOCOL_VERSION, kind, *fields]`; the second, when present, is a local protocol frame passed
-through untouched (runner.wire.messages), so job batches are never re-encoded on the way.
-
-  worker -> coordinator                         coordinator -> worker
-  [HELLO, name, pools, processes, pid, run]     [WELCOME, run_id, run_name, specs, heartbeat]
-  [FWD, worker] + frame    (a process's frame)  [REFUSE, reason]
-  [EXITED, worker, code, signal, reason,        [SPAWN, worker, pool, role, index, restart, spec]
-           running, fatal, cause]               [TO, worker] + frame     (into its inbox)
-  [HEARTBEAT, procs]                            [SIGNAL, worker, signum, reason]
-  [BYE, reason]                                 [HEARTBEAT]
-  [STALLED, worker, running, running_s,         [RESET, reason]  (unknown session: join again)
-            silent_s, stall_timeout, action,    [BYE, reason]    (the run is over)
-            stack]                              [STACKS, request]  (send STACK_DUMPS for busy processes)
-  [STACK_DUMPS, request, dumps]
-  control client -> coordinator: [STATUS] / [STATUS, {"stacks": true}] / [STOP_RUN]; reply: [REPLY, dict]
-
-  EXITED's cause (crashed / timed_out / stalled / memory) is what the job in hand is charged with.
-  HEARTBEAT's procs: {worker: {"rss": bytes, "running": [batch_id, index] or None, "running_s": s}}.
-  STALLED: a job of `worker` ran stall_timeout without a heartbeat; `running` is [batch_id, index].
-  STACK_DUMPS' dumps: {worker: {"pid", "pool", "running", "running_s", "rss", "stack"}} (busy processes).
-  Fields added at the end are optional: a receiver reads what it knows and defaults the rest.
-
-Anything else (bad msgpack, wrong version, unknown kind, too many frames, oversized) raises
-ProtocolError; the receiver logs it with the peer and drops it.
+The messages and their checks are in runner.wire.host_messages (re-exported here). Anything that fails
+them (bad msgpack, wrong version, unknown kind, a field of the wrong type or range, too many frames,
+oversized) raises ProtocolError; the receiver logs it with the peer and resets that peer's session.
 """
 
 from __future__ import annotations
@@ -33,6 +11,7 @@ import ipaddress
 import logging
 import os
 import socket
+import stat
 import tempfile
 from collections import deque
 from pathlib import Path
@@ -45,45 +24,43 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from runner.errors import ProtocolError, UsageError
+from runner.wire.host_messages import (  # noqa: F401  (the wire's vocabulary, one import away)
+    BYE,
+    EXITED,
+    FWD,
+    HEARTBEAT,
+    HELLO,
+    HOST_NAME,
+    KINDS,
+    MAX_HEADER,
+    PROTOCOL_VERSION,
+    REFUSE,
+    REPLY,
+    RESET,
+    SESSION_KINDS,
+    SIGNAL,
+    SPAWN,
+    STACK_DUMPS,
+    STACKS,
+    STALLED,
+    STATUS,
+    STOP_RUN,
+    TO,
+    WELCOME,
+    Envelope,
+    Status,
+    WrongVersion,
+    parse,
+)
 from runner.wire.messages import MAX_FRAME
 
-PROTOCOL_VERSION = 1
-(HELLO, WELCOME, REFUSE, SPAWN, TO, SIGNAL, FWD, EXITED, HEARTBEAT, BYE, RESET, STATUS, STOP_RUN, REPLY) = range(101, 115)
-STALLED, STACKS, STACK_DUMPS = range(115, 118)
-KINDS = frozenset(range(101, 118))
 #: messages queued per peer before ZeroMQ pushes back; bounded so a stalled peer cannot eat memory
 HWM = 10_000
-#: largest header frame (the msgpack array): jobs travel in the second frame, so a bigger header is an attack or a bug
-MAX_HEADER = 16 * 1024 * 1024
 
 
-class WrongVersion(ProtocolError):
-    """A peer speaking another protocol version: a runner of another release (answered, so it can say so)."""
-
-
-def header(kind: int, *fields: Any) -> bytes:
-    return msgpack.packb([PROTOCOL_VERSION, kind, *fields], use_bin_type=True)
-
-
-def parse(parts: list[bytes]) -> tuple[int, list[Any], bytes | None]:
-    """(kind, fields, passed-through frame) of a message, or ProtocolError."""
-    if not 1 <= len(parts) <= 2:
-        raise ProtocolError(f"expected 1 or 2 frames, got {len(parts)}")
-    if any(len(part) > MAX_FRAME for part in parts):
-        raise ProtocolError("frame over the size limit")
-    if len(parts[0]) > MAX_HEADER:
-        raise ProtocolError(f"header frame of {len(parts[0])} bytes is over the size limit ({MAX_HEADER})")
-    try:
-        head = msgpack.unpackb(parts[0], raw=False, strict_map_key=False)
-    except Exception as exc:
-        raise ProtocolError(f"undecodable header: {exc}") from exc
-    if not isinstance(head, list) or len(head) < 2:
-        raise ProtocolError("header is not [version, kind, ...]")
-    if head[0] != PROTOCOL_VERSION:
-        raise WrongVersion(f"protocol version {head[0]!r}, this runner speaks {PROTOCOL_VERSION}")
-    if head[1] not in KINDS:
-        raise ProtocolError(f"unknown message kind {head[1]!r}")
-    return head[1], head[2:], parts[1] if len(parts) == 2 else None
+def header(kind: int, seq: int, *fields: Any) -> bytes:
+    """[version, kind, seq, *fields]: seq numbers a session's messages (0 outside a session)."""
+    return msgpack.packb([PROTOCOL_VERSION, kind, seq, *fields], use_bin_type=True)
 
 
 # -- keys ----------------------------------------------------------------------------------
@@ -142,6 +119,74 @@ class WorkerKeys:
         self.server, _ = _load(folder / "coordinator.key", secret=False)
 
 
+def authorized_keys(folder: Path) -> set[str]:
+    """The public keys (z85, as ZAP's User-Id gives them) in an authorized/ folder; a file that does not load is skipped."""
+    keys = set()
+    for path in sorted(folder.glob("*.key")):
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except Exception:
+            continue
+        if public:
+            keys.add(public.decode("ascii"))
+    return keys
+
+
+# -- a run's own keys: loopback is not a trust boundary ------------------------------------
+def run_keys_folder(run_id: str) -> Path:
+    """Where a run without --keys keeps its ephemeral key pairs: the user's private control folder, named by the
+    run id (so a resumed run finds the same keys)."""
+    return control_dir() / f"{run_id}.keys"
+
+
+def make_run_keys(run_id: str, address: str) -> CoordinatorKeys:
+    """An ephemeral CURVE key pair for the coordinator and one for the same user's workers, readable only by that user."""
+    folder = run_keys_folder(run_id)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    generate_keys(folder, ["worker"])
+    (folder / "address").write_text(address)
+    return CoordinatorKeys(folder)
+
+
+def remove_run_keys(run_id: str) -> None:
+    folder = run_keys_folder(run_id)
+    if folder.is_dir() and not folder.is_symlink():
+        for path in sorted(folder.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        folder.rmdir()
+
+
+def _port(address: str) -> tuple[str, int | None]:
+    url = urlparse(address)
+    try:
+        return url.scheme, url.port
+    except ValueError:
+        return url.scheme, None
+
+
+def find_run_keys(address: str, run: str | None = None) -> WorkerKeys | None:
+    """The keys of this user's running run at `address` (or run id `run`): the run's control folder says which
+    address each run listens on. Newest first; None if no run of this user listens there."""
+    try:
+        folder = control_dir()
+    except UsageError:
+        return None
+    scheme, port = _port(address)
+    found = []
+    for keys in folder.glob("*.keys"):
+        run_id = keys.name.removesuffix(".keys")
+        try:
+            bound = (keys / "address").read_text().strip()
+        except OSError:
+            continue
+        same = bound == address or (scheme == "tcp" and _port(bound) == (scheme, port) and port is not None)
+        if same and (folder / f"{run_id}.ctl").exists():  # a live run (its control socket is there)
+            wanted = run is None or run_id == run or run_id.startswith(f"{run}-")
+            found.append((wanted, keys.stat().st_mtime, keys))
+    # the run asked for first; else whichever run listens there, which will say which run it is (REFUSE)
+    return WorkerKeys(max(found)[2]) if found else None
+
+
 def is_loopback(address: str) -> bool:
     """True for tcp://127.x / [::1] / localhost and for ipc:// and inproc:// addresses."""
     url = urlparse(address)
@@ -160,8 +205,12 @@ def is_loopback(address: str) -> bool:
 
 
 def require_security(address: str, keys: object | None, insecure: bool, flag: str, warn: Any) -> None:
-    """Refuse plain text off loopback unless --insecure is given (which warns)."""
-    if keys is not None or is_loopback(address):
+    """Refuse plain text off loopback unless --insecure is given (which warns, on any address).
+
+    On loopback without keys the run makes its own (make_run_keys) and the same user's workers find them."""
+    if keys is not None:
+        return
+    if is_loopback(address) and not insecure:
         return
     if not insecure:
         raise UsageError(
@@ -200,6 +249,8 @@ def bind_router(context: zmq.Context, address: str, keys: CoordinatorKeys | None
     refusals = Refusals()
     auth = None
     sock = _socket(context, zmq.ROUTER)
+    # a message to a peer that is gone, or past its high-water mark, raises instead of vanishing (zguide ch. 4)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if keys is not None:
         logger = logging.getLogger(f"runner.auth.{id(sock)}")
         logger.setLevel(logging.DEBUG)
@@ -233,29 +284,58 @@ def connect_dealer(context: zmq.Context, address: str, keys: WorkerKeys | None) 
     return sock
 
 
-def control_address(run_id: str) -> str:
-    """The local control socket of a run: a private folder per user, short enough for ipc paths."""
+def control_dir() -> Path:
+    """$TMPDIR/runner-<uid>: the user's private folder for control sockets and run keys (the systemd unit's TMPDIR
+    relies on this place). It must be a real folder (not a symlink), owned by this user, mode 0700: a folder
+    another user made there could watch or fake our runs, so it is an error, never used."""
     folder = Path(tempfile.gettempdir()) / f"runner-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    return f"ipc://{folder / run_id}.ctl"
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"cannot make the control folder {folder}: {exc.strerror}") from None
+    info = os.lstat(folder)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"the control folder {folder} is not a folder (a symlink or a file): remove it, or set TMPDIR elsewhere")
+    if info.st_uid != os.getuid():
+        raise UsageError(f"the control folder {folder} belongs to another user (uid {info.st_uid}), not to you (uid {os.getuid()}): "
+                         "someone made it to watch or fake your runs; remove it, or set TMPDIR to a folder of your own")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise UsageError(f"the control folder {folder} has mode {stat.S_IMODE(info.st_mode):o}: other users may enter it; "
+                         f"`chmod 700 {folder}`, or remove it")
+    return folder
 
 
-def wants_stacks(kind: int, fields: list[Any]) -> bool:
+def control_address(run_id: str) -> str:
+    """The local control socket of a run: in the user's private folder, short enough for ipc paths."""
+    return f"ipc://{control_dir() / run_id}.ctl"
+
+
+def wants_stacks(envelope: Envelope) -> bool:
     """A STATUS request asking for stacks too (`runner status --stacks`)."""
-    return kind == STATUS and bool(fields) and isinstance(fields[0], dict) and bool(fields[0].get("stacks"))
+    return isinstance(envelope.message, Status) and envelope.message.options is not None and envelope.message.options.stacks
 
 
 def request(address: str, kind: int, keys: WorkerKeys | None = None, timeout: float = 5.0, *fields: Any) -> dict[str, Any]:
-    """One control request (status, stop) to a coordinator; the reply's dict."""
+    """One control request (status, stop) to a coordinator; the reply's dict (its answer checked like any message)."""
     context: zmq.Context[Any] = zmq.Context.instance()
     sock = connect_dealer(context, address, keys)
     try:
-        sock.send(header(kind, *fields))
+        sock.send(header(kind, 0, *fields))
         if not sock.poll(int(timeout * 1000)):
             raise UsageError(f"no answer from the coordinator at {address} within {timeout:g}s")
-        reply_kind, answer, _ = parse(sock.recv_multipart())
-        if reply_kind == REFUSE:
-            raise UsageError(f"the coordinator at {address} refused: {answer[0]}")
-        return answer[0]
+        try:
+            reply = parse(sock.recv_multipart())
+        except ProtocolError as exc:
+            raise UsageError(f"the coordinator at {address} answered in a way this runner does not understand: {exc}") from None
+        if reply.kind == REFUSE:
+            raise UsageError(f"the coordinator at {address} refused: {reply.message.reason}")  # type: ignore[attr-defined]
+        if reply.kind != REPLY:
+            raise UsageError(f"the coordinator at {address} answered with message kind {reply.kind}, not a reply")
+        body: dict[str, Any] = reply.message.body  # type: ignore[attr-defined]
+        if "error" in body:
+            raise UsageError(f"the coordinator at {address} refused the request: {body['error']}")
+        return body
     finally:
         sock.close(0)

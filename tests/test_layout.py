@@ -30,3 +30,14 @@ def test_log_event_contract_is_importable() -> None:
     logs = importlib.import_module("runner.logs")
     assert "run.finished" in logs.EVENTS
     assert {"job.failed", "host.lost", "protocol.error"} <= logs.EVENTS
+
+
+def test_version_flag_alone() -> None:
+    """`runner --version` needs no command (it once exited 2 with "Missing command")."""
+    import subprocess
+    import sys
+
+    from runner import __version__
+
+    shown = subprocess.run([sys.executable, "-m", "runner", "--version"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.strip() == f"runner {__version__}", shown.stderr

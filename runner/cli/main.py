@@ -60,15 +60,19 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(int(code))
 
 
+def _print_version(value: bool) -> None:
+    """`runner --version` alone: eager, so it answers before typer asks for a command."""
+    if value:
+        typer.echo(f"runner {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
 ) -> None:
     _state["debug"] = debug
-    if version:
-        typer.echo(f"runner {__version__}")
-        raise typer.Exit(0)
 
 
 def _import_tasks(config: Config) -> list[str]:

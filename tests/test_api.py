@@ -13,7 +13,7 @@ import pytest
 
 import runner
 from runner.errors import ConfigError, TaskImportError, UsageError
-from tests.conftest import ROOT, runner_cli
+from conftest import ROOT, runner_cli
 
 pytestmark = pytest.mark.timeout(300)  # real runs on a busy 2-core machine
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, TASK_HELPERS, free_port, start_host_run, wait_for
+from conftest import ROOT, TASK_HELPERS, free_port, start_host_run, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

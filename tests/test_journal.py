@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import TASK_HELPERS, Command, assert_each_once, free_port, read_jsonl, runner_cli, start_run, wait_for
+from conftest import TASK_HELPERS, Command, assert_each_once, free_port, read_jsonl, runner_cli, start_run, wait_for
 
 N = 1500
 pytestmark = pytest.mark.timeout(600)  # each test runs a 1,500-job run two or three times on a shared machine

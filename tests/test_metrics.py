@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from runner.config import RunConfig
 from runner.coordinator.monitor import Monitor
 from runner.coordinator.web import Web
-from tests.conftest import TASK_HELPERS, free_port, runner_cli, start_run, wait_for
+from conftest import TASK_HELPERS, free_port, runner_cli, start_run, wait_for
 
 pytestmark = pytest.mark.timeout(300)  # real runs on a busy 2-core machine
 
@@ -133,7 +133,7 @@ def test_scrape_during_and_at_the_end_matches_run_finished(folder: Path) -> None
 
 
 def _events(run: Any) -> list[dict[str, Any]]:
-    from tests.conftest import live_events
+    from conftest import live_events
 
     return live_events(run, "run.finished")
 

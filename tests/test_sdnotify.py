@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from runner.sdnotify import Notifier
-from tests.conftest import TASK_HELPERS, free_port, start_host_run, start_worker, wait_for
+from conftest import TASK_HELPERS, free_port, start_host_run, start_worker, wait_for
 
 pytestmark = pytest.mark.timeout(300)  # real runs on a busy 2-core machine
 

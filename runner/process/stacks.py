@@ -82,8 +82,8 @@ def _below_task(block: str) -> str:
 
 
 def _ours(block: str) -> bool:
-    """The runner's own parent-watch thread (process/loop.py `watch`): noise in a task's stack."""
-    return any(line.endswith(" in watch") and "runner/process/loop.py" in line for line in block.splitlines())
+    """The runner's own parent-watch thread (process/base.py `watch`): noise in a task's stack."""
+    return any(line.endswith(" in watch") and "runner/process/base.py" in line for line in block.splitlines())
 
 
 class Capture:

@@ -32,7 +32,6 @@ answers "is this run alive" (pids are reused; containers renumber them).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import queue
@@ -46,6 +45,7 @@ from typing import Any
 import msgpack
 
 from runner.errors import UsageError
+from runner.logs.read import journal_locked
 
 VERSION = 1
 HEADER, COMMIT = 0, 1
@@ -81,18 +81,8 @@ def frame(body: Any) -> bytes:
 
 
 def is_alive(path: Path) -> bool:
-    """Does a coordinator hold this run's journal lock right now?"""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-    finally:
-        os.close(fd)
-    return False
+    """Does a coordinator hold this run's journal lock right now? (The readers' check: one place.)"""
+    return journal_locked(path)
 
 
 def read_frames(path: Path, start: int = 0) -> Iterator[tuple[int, Any]]:

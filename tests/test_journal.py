@@ -46,6 +46,7 @@ def consume(ctx, job):
 def gated(ctx, job):
     if job["i"] >= 100:
         wait_file("go", 120)
+    time.sleep(0.001)  # as consume: the run lasts long enough to be killed in the middle
     return {"i": job["i"]}
 
 
@@ -250,7 +251,8 @@ def test_retry_after_fix(folder: Path) -> None:
 
 def test_resume_with_a_worker_host_that_reconnects(folder: Path) -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
-    cfg = config(consumers=[{"name": "work", "task": "tasks:consume", "processes": 1}], transport={"bind": address})
+    # jobs from 100 on wait for "go", written once the worker host has joined: the run cannot end before it joins
+    cfg = config(consumers=[{"name": "work", "task": "tasks:gated", "processes": 1}], transport={"bind": address})
     run = start_run(folder, cfg, "--insecure", tasks=TASKS)
     worker = Command(folder, "worker", [sys.executable, "-m", "runner", "worker", "--connect", address, "--insecure",
                                         "--give-up", "60", "--path", str(folder)])
@@ -258,6 +260,7 @@ def test_resume_with_a_worker_host_that_reconnects(folder: Path) -> None:
         run_id = wait_for(lambda: (folder / "logs").exists() and list((folder / "logs").glob("*.journal")), timeout=180, what="journal")[0]
         run_id = run_id.name.removesuffix(".journal")
         wait_for(lambda: log_has(folder, run_id, "host.joined"), timeout=180, what="the worker host to join")
+        (folder / "go").write_text("")
         kill_coordinator_at(folder, run.process, 500)
         done = resume(folder, run_id, "--insecure")
         assert done.returncode == 0, done.stderr
@@ -277,8 +280,8 @@ def test_resumed_run_keeps_its_run_keys(folder: Path) -> None:
     import tempfile
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    cfg = config(consumers=[{"name": "work", "task": "tasks:consume", "processes": 1}], transport={"bind": address})
-    run = start_run(folder, cfg, tasks=TASKS)
+    cfg = config(consumers=[{"name": "work", "task": "tasks:gated", "processes": 1}], transport={"bind": address})
+    run = start_run(folder, cfg, tasks=TASKS)  # gated: the run cannot end before the worker host joins
     worker_argv = [sys.executable, "-m", "runner", "worker", "--connect", address, "--give-up", "120", "--path", str(folder)]
     workers: list[Command] = []
     try:
@@ -289,6 +292,7 @@ def test_resumed_run_keeps_its_run_keys(folder: Path) -> None:
                           what="the run's keys")
         workers.append(Command(folder, "worker1", worker_argv))
         wait_for(lambda: log_has(folder, run_id, "host.joined"), timeout=180, what="the worker host to join with the run's keys")
+        (folder / "go").write_text("")
         wait_for(lambda: lines_in(folder / "results.jsonl") >= 300, timeout=180, what="300 results")
         run.process.send_signal(signal.SIGTERM)
         assert run.wait() == 143

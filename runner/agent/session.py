@@ -19,7 +19,8 @@ import zmq
 
 from runner.errors import ProtocolError, UsageError
 from runner.process.context import import_task
-from runner.process.handle import LocalProcess, LocalProcesses, warm_up
+from runner.process.handle import LocalProcess, LocalProcesses
+from runner.process.start import warm_up
 from runner.process.watch import Stall, Watch
 from runner.sdnotify import Notifier
 from runner.wire import host_messages as hm

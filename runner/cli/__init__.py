@@ -1,7 +1,38 @@
 """The `runner` command line: main.py (start, check, worker, status, stop, keys) and logs.py (runs, logs).
 
-`runner.cli:main` is the console script's entry point; `runner.cli.app` the typer application."""
+`runner.cli:main` is the console script's entry point; `runner.cli.app` the typer application. Both
+load the CLI only when used: `main` first starts the forkserver for `runner start` (early.py)."""
 
-from runner.cli.main import app, main
+from __future__ import annotations
+
+import sys
+from typing import Any
 
 __all__ = ["app", "main"]
+
+
+def main() -> None:
+    """The console script and `python -m runner`: the forkserver first (when the run will use it), then the CLI."""
+    from runner.cli.early import forkserver_first
+    from runner.process import start
+
+    start.MAIN_IS_CLI = True
+
+    if sys.argv[1:2] == ["start"]:
+        # as `start` itself does, from here on: a Ctrl-C (the whole group's, the forkserver's too) or a
+        # SIGTERM before the coordinator's handlers exist waits for them, never a KeyboardInterrupt traceback
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    forkserver_first(sys.argv[1:])
+    from runner.cli.main import main as run_cli
+
+    run_cli()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from runner.cli.main import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -51,7 +51,8 @@ from runner.coordinator.resume import JournalState
 from runner.coordinator.supervisor import Supervisor
 from runner.display import Display
 from runner.errors import ExitCode, ProtocolError, UsageError
-from runner.process.handle import Exit, warm_up
+from runner.process.handle import Exit
+from runner.process.start import warm_up
 from runner.sdnotify import Notifier
 from runner.timing import bucket_ms
 from runner.wire import host_messages as hm

@@ -12,8 +12,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -24,10 +23,8 @@ from runner.process import stacks
 from runner.process.loop import process_main
 from runner.process.memory import OomKills
 from runner.process.slot import SLOT_BATCH, SLOT_INDEX, SLOT_SIZE, SLOT_STARTED, SLOT_TIMED
+from runner.process.start import main_script_hidden, sigint_shielded
 from runner.wire.pipe import FrameReader, FrameSender
-
-#: the module a forkserver imports once, so processes forked from it start with their code loaded
-PRELOAD = "runner.process.loop"
 
 
 @dataclass
@@ -91,46 +88,6 @@ class LocalProcess:
         return started > 0 and now - started > limit
 
 
-def warm_up(start_method: str) -> None:
-    """Start multiprocessing's helpers (resource tracker, forkserver) before any process, with our
-    signal handlers already in place. Processes forked from the forkserver start without imports.
-    A Ctrl-C to the process group must not kill the server as it starts (it ignores it once running)."""
-    if start_method == "fork":
-        return
-    from multiprocessing import forkserver, resource_tracker
-
-    # multiprocessing starts its resource tracker on the first spawn or forkserver process and, doing so,
-    # UNBLOCKS SIGINT and SIGTERM in the calling thread: start it here and put our signal mask back.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
-    resource_tracker.ensure_running()
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    if start_method != "forkserver":
-        return
-    multiprocessing.get_context("forkserver").set_forkserver_preload([PRELOAD])
-    with sigint_shielded():
-        forkserver.ensure_running()
-
-
-@contextmanager
-def sigint_shielded() -> Iterator[None]:
-    """Start a child that must not die of a Ctrl-C sent to the whole process group while it starts.
-
-    SIGINT is ignored while the child is made: an ignored signal stays ignored across fork and exec
-    (a blocked one does not survive spawn's exec), and the child ignores it for good once it runs.
-    It is blocked as well, so a Ctrl-C meant for us in that moment waits, pending, for our handler
-    (one already pending would be discarded by SIG_IGN: it is noted and raised again afterwards)."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    pending = signal.SIGINT in signal.sigpending()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            os.kill(os.getpid(), signal.SIGINT)  # blocked still: it waits for the handler, as it did
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
 def describe_exit(code: int | None, oom: bool = False) -> tuple[str | None, str]:
     """Why a process ended, in words: 'killed by SIGKILL, possibly out of memory', 'exited with code 3'.
 
@@ -164,7 +121,7 @@ class LocalProcesses:
         slot = self.mp.RawArray("d", SLOT_SIZE)
         spec = {**spec, "worker": name, "index": index, "role": role, "pool": pool, "host": self.host}
         process = self.mp.Process(target=process_main, args=(role, spec, writer, inbox, slot), name=name, daemon=False)
-        with sigint_shielded():  # Ctrl-C goes to the whole process group
+        with sigint_shielded(), main_script_hidden():  # Ctrl-C goes to the whole process group
             process.start()
         writer.close()  # only the child writes: its death is the pipe's end
         inbox.close()  # only the child reads its inbox

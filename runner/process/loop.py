@@ -1,4 +1,4 @@
-"""The entry point of every child process, and the module a forkserver preloads (process/handle.PRELOAD):
+"""The entry point of every child process, and the module a forkserver preloads (process/start.PRELOAD):
 importing it loads the producer and consumer loops once, before any process is forked from the server."""
 
 from __future__ import annotations

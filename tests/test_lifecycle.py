@@ -181,10 +181,10 @@ def test_coordinator_sigkilled_leaves_no_process(tmp_path: Path, method: str) ->
         assert set(titled) <= set(children)
         run.process.send_signal(signal.SIGKILL)
         run.wait(10)
-        killed_at = time.monotonic()
-        wait_for(lambda: not _alive(children) and not _runner_titles(name), timeout=2.0, interval=0.01,
+        # they exit by themselves (parent-death signal, the parent watch); the deadline is generous, as the
+        # machine may be loaded: it tells "exits on its own" from "orphaned for ever", not a speed
+        wait_for(lambda: not _alive(children) and not _runner_titles(name), timeout=30.0, interval=0.01,
                  what=f"every child to exit; still alive: {[psutil.Process(p).cmdline() for p in _alive(children)]}")
-        assert time.monotonic() - killed_at < 2.0
     finally:
         run.process.kill()
         for pid in _alive(children):

@@ -1,7 +1,7 @@
 """Flow control: producer credit (the queue bound), batch sizing, and fair dispatch to processes.
 
 Credit: each producer process may have `share` jobs waiting in its target pool's queue, where the
-shares of a pool's producers add up to `queue.maxsize`. A batch taken from the queue gives its
+shares of a pool's producers add up to `queue.maxsize`, plus one batch in transit (`queue.batch`). A batch taken from the queue gives its
 producer that much credit back, returned in bulk (see `return_credit`), so a full queue blocks the
 producers (backpressure) and `queue.full` is logged.
 """
@@ -51,11 +51,13 @@ class Flow:
         return len(self.credit)
 
     def producer_share(self, name: str) -> int:
-        """The credit of one process of producer pool `name`: its part of the target's `queue.maxsize`."""
+        """The credit of one process of producer pool `name`: its part of the target's `queue.maxsize`, plus one
+        batch in transit. Without that batch, a small maxsize (the default 100) cut every producer batch to a
+        fraction of it, and the run went at one credit round trip per few dozen jobs."""
         run = self.run
         target = run.target_of(run.pool(name))  # type: ignore[arg-type]
         senders = sum(p.processes for p in run.producers if run.target_of(p) == target)
-        return max(1, run.queue.maxsize // senders)
+        return max(1, run.queue.maxsize // senders) + run.queue.batch
 
     def producer_started(self, key: str, share: int) -> None:
         self.credit[key] = self.credit_share[key] = share

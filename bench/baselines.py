@@ -418,3 +418,14 @@ def warm_up(seconds: float = 1.5, cores: int = 2) -> None:
     for p in procs:
         p.start()
     _finish(procs)
+
+
+def msgpack_roundtrip_us(n: int = 200_000) -> float:
+    """CPU µs to msgpack-pack and unpack one trivial job (the dict every producer here yields), once:
+    the unit issue 14 measures the coordinator's CPU per job against."""
+    job = {"i": 12345, "name": "job", "value": 1.5}
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    started = time.process_time()
+    for _ in range(n):
+        unpackb(packb(job))
+    return (time.process_time() - started) / n * 1e6

@@ -126,6 +126,8 @@ class Flow:
             heapq.heapify(room)
             while ledger.pending[pool] and room:
                 _, _, i, member = heapq.heappop(room)
+                if self._find(member.key) is not member:
+                    continue  # it ended meanwhile (its host was dropped by a failed send): a batch sent to it would be lost
                 most = min(size, limit - member.assigned) if limit else size
                 batch = ledger.take(pool, most, member.key)
                 assert batch is not None

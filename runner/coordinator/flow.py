@@ -8,6 +8,7 @@ producers (backpressure) and `queue.full` is logged.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable
 from typing import Any
@@ -120,19 +121,27 @@ class Flow:
                 continue  # backpressure on a stage whose downstream queue is full
             size = self.batch_size(pool)
             limit = cfg.max_jobs_per_process
-            ready = [p for p in members_of(pool) if p.ready]
-            while ledger.pending[pool]:
-                room = [p for p in ready if len(p.outstanding) < (PREFETCH_REMOTE if p.remote else PREFETCH)
-                        and not (limit and p.assigned >= limit)]
-                if not room:
-                    break
-                member = min(room, key=lambda p: (len(p.outstanding), self._served.get(p.key, 0)))
+            # a heap of the processes with room, least loaded then longest unserved first: one walk over the
+            # pool a dispatch, not one a batch (with a thousand worker hosts, that walk was O(hosts) per batch)
+            room = [(len(p.outstanding), self._served.get(p.key, 0), i, p) for i, p in enumerate(members_of(pool))
+                    if p.ready and self._has_room(p, limit)]
+            heapq.heapify(room)
+            while ledger.pending[pool] and room:
+                _, _, i, member = heapq.heappop(room)
+                if self._find(member.key) is not member:
+                    continue  # it ended meanwhile (its host was dropped by a failed send): a batch sent to it would be lost
                 most = min(size, limit - member.assigned) if limit else size
                 batch = ledger.take(pool, most, member.key)
                 assert batch is not None
                 self._served_count += 1
                 self._served[member.key] = self._served_count
                 self._hand_over(member, batch)
+                if self._has_room(member, limit):
+                    heapq.heappush(room, (len(member.outstanding), self._served_count, i, member))
+
+    @staticmethod
+    def _has_room(member: Member, limit: int | None) -> bool:
+        return len(member.outstanding) < (PREFETCH_REMOTE if member.remote else PREFETCH) and not (limit and member.assigned >= limit)
 
     def _hand_over(self, member: Member, batch: Batch) -> None:
         member.outstanding.append(batch.id)

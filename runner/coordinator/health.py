@@ -114,6 +114,8 @@ class Health:
     def _recycle_over_rss(self) -> None:
         """A process above its pool's max_rss finishes the job in hand (SIGTERM) and is replaced."""
         supervisor = self.supervisor
+        if not any(c.max_rss for c in supervisor.consumers.values()):
+            return  # nothing to check: no walk over every process (of every worker host) 50 times a second
         for member in supervisor.members():
             cfg = supervisor.consumers.get(member.pool)
             rss = member.resident()

@@ -25,6 +25,9 @@ from runner.process.handle import Exit
 from runner.wire import host_messages as hm
 from runner.wire import zeromq as wire
 
+#: most messages one drain handles: the loop's timers (heartbeats, host loss, dispatch, progress) run between
+#: drains, so a thousand hosts' messages arriving as fast as they are read can never starve them
+MAX_DRAIN = 512
 #: how often the authorized keys are read again (a revoked key stops working within this, and the heartbeat timeout)
 KEYS_RELOAD_S = 1.0
 
@@ -86,6 +89,7 @@ class Hosts:
         # fail inside libzmq; its monitor is the only place they show up
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self.hosts: dict[bytes, RemoteHost] = {}
+        self.names: dict[str, RemoteHost] = {}  #: the same hosts by name (by_name is on the hot path of every spawn and signal)
         self.heartbeat = events.run_cfg.heartbeat
         self._next_beat = 0.0
         self.authorized = keys.authorized if keys is not None else None
@@ -93,12 +97,12 @@ class Hosts:
         self._keys_seen: list[tuple[str, int]] | None = None
 
     def by_name(self, name: str) -> RemoteHost | None:
-        return next((h for h in self.hosts.values() if h.name == name), None)
+        return self.names.get(name)
 
     # -- receiving ---------------------------------------------------------------------------
     def drain(self) -> None:
-        """Handle every message waiting on the socket (never blocks, never raises on bad input)."""
-        while True:
+        """Handle the messages waiting on the socket, MAX_DRAIN at most (never blocks, never raises on bad input)."""
+        for _ in range(MAX_DRAIN):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -225,13 +229,12 @@ class Hosts:
         for old in [h for h in self.hosts.values() if h.identity == identity or (h.name == hello.name and h.pid == hello.pid)]:
             # the same agent again (a new socket after a reset or a lost connection): its earlier session is void
             self._drop(old, "host.lost", "joined again: its earlier session is void")
-        taken = {h.name for h in self.hosts.values()}
         unique, n = hello.name, 2
-        while unique in taken or unique == events.host:
+        while unique in self.names or unique == events.host:
             unique, n = f"{hello.name}-{n}", n + 1
         pools = list(dict.fromkeys(hello.pools)) or [c.name for c in known.consumers]  # `--pool a --pool a` serves a once
         host = RemoteHost(identity, unique, pools, hello.processes, hello.pid, time.monotonic(), public_key=public_key)
-        self.hosts[identity] = host
+        self.hosts[identity] = self.names[unique] = host
         specs = {pool: events.pool_spec(pool) for pool in host.pools}
         self._send(identity, wire.WELCOME, events.run_id, known.name, unique, specs,
                    {"interval": self.heartbeat.interval, "timeout": self.heartbeat.timeout}, known.start_method)
@@ -313,6 +316,8 @@ class Hosts:
     def _drop(self, host: RemoteHost, event: str, reason: str) -> None:
         """A host is gone: its processes end now and their jobs go back to the queue."""
         self.hosts.pop(host.identity, None)
+        if self.names.get(host.name) is host:
+            del self.names[host.name]
         self.events.on_host_gone(host.name)
         level = "error" if event == "host.lost" else "info"
         getattr(self.log, level)(event, host=host.name, reason=reason, processes=len(host.procs))

@@ -225,14 +225,27 @@ class Supervisor:
             self.start(item.pool, "consumer", item.slot, item.restart, item.host)
 
     def manage_pools(self, now: float) -> None:
-        """Idle processes retire above min_processes; a backed-up queue brings processes back."""
+        """Idle processes retire above min_processes; a backed-up queue brings processes back.
+
+        Each pool's processes are grouped by host once a tick: with many worker hosts, a walk over every
+        process for every host (O(hosts x processes), 50 times a second) was the coordinator's main cost."""
         work_may_come = self.flow.producers_open > 0 or not self.ledger.settled()
+        members = self.members()
         for name, cfg in self.consumers.items():
-            for member in self.pool_members(name):
-                if cfg.max_jobs_per_process and member.assigned >= cfg.max_jobs_per_process and not member.outstanding:
+            by_host: dict[str, list[Member]] = {}
+            for member in members:
+                if member.pool != name:
+                    continue
+                by_host.setdefault(member.host, []).append(member)
+                if member.stop_reason is None and cfg.max_jobs_per_process and member.assigned >= cfg.max_jobs_per_process \
+                        and not member.outstanding:
                     self.stop(member, "recycled")  # its slot gets a fresh process when it has exited
+            restarts: dict[str, list[Restart]] = {}
+            for item in self.restarts:
+                if item.pool == name:
+                    restarts.setdefault(item.host, []).append(item)
             for host, most in self._groups(cfg):
-                self._size_group(cfg, host, most, now, work_may_come)
+                self._size_group(cfg, host, most, now, work_may_come, by_host.get(host, []), restarts.get(host, []))
 
     def _groups(self, cfg: ConsumerConfig) -> list[tuple[str, int]]:
         """(host, most processes) for each host serving a consumer pool: this one, then worker hosts."""
@@ -241,26 +254,26 @@ class Supervisor:
             groups += [(h.name, h.capacity(cfg.processes)) for h in self.hosts.hosts.values() if cfg.name in h.pools]
         return groups
 
-    def _size_group(self, cfg: ConsumerConfig, host: str, most: int, now: float, work_may_come: bool) -> None:
+    def _size_group(self, cfg: ConsumerConfig, host: str, most: int, now: float, work_may_come: bool, group: list[Member],
+                    restarts: list[Restart]) -> None:
+        """One host's processes of a pool (`group`, stopping ones too; `restarts`, those due to start there)."""
         name = cfg.name
-        alive = [p for p in self.pool_members(name) if p.host == host]
+        alive = [p for p in group if p.stop_reason is None]
         least = min(cfg.min_processes, most)
         if cfg.idle_timeout is not None:
             idle = [p for p in alive if p.ready and not p.outstanding and now - p.idle_since > cfg.idle_timeout]
             for member in idle[: max(0, len(alive) - least)]:
                 self.stop(member, "idle")
             alive = [p for p in alive if p.stop_reason is None]
-        starting = sum(1 for r in self.restarts if r.pool == name and r.host == host)
+        starting = len(restarts)
         want = 0
         if work_may_come and len(alive) + starting < least:
             want = least - len(alive) - starting
-        busy = all(len(p.outstanding) >= PREFETCH or not p.ready for p in alive)
-        if self.ledger.queued(name) and busy and len(alive) + starting < most:
+        if len(alive) + starting < most and self.ledger.queued(name) and all(len(p.outstanding) >= PREFETCH or not p.ready for p in alive):
             want = max(want, 1)
         if not want:
             return
-        used = {p.index for p in self.members() if p.pool == name and p.host == host}
-        used |= {r.slot for r in self.restarts if r.pool == name and r.host == host}
+        used = {p.index for p in group} | {r.slot for r in restarts}
         for index in [i for i in range(1, most + 1) if i not in used][:want]:
             self.start(name, "consumer", index, 0, host)
 

@@ -1,6 +1,7 @@
 """The `runner` command line: main.py (start, check, worker, status, stop, keys) and logs.py (runs, logs).
 
-`runner.cli:main` is the console script's entry point; `runner.cli.app` the typer application."""
+`runner.cli.main` runs the command line (the console script enters through runner/__main__.py, which holds
+signals during these imports first); `runner.cli.app` is the typer application."""
 
 from runner.cli.main import app, main
 

@@ -87,7 +87,8 @@ class Display:
         self.out.print(table)
         self.out.print(f"log: {end['log_file']}", highlight=False, soft_wrap=True)
         if end["pending"]:
-            self.out.print(f"pending: {end['pending']} unfinished job(s) in {end['pending_file']}", highlight=False, soft_wrap=True)
+            where = f"in {end['pending_file']}" if end["pending_file"] else "(the pending file could not be written: see above)"
+            self.out.print(f"pending: {end['pending']} unfinished job(s) {where}", highlight=False, soft_wrap=True)
         if end["dead"]:
             self.out.print(f"dead: {end['dead']} job(s) in {end['dead_file']}", highlight=False, soft_wrap=True)
         if end["error"]:

@@ -429,7 +429,8 @@ def test_dockerfile_static() -> None:
     assert copies and all(c.startswith("--from=") for c in copies), "the final stage copies only the built venv"
     entrypoint = [json.loads(rest) for word, rest in final if word == "ENTRYPOINT"]
     assert entrypoint == [["runner"]], entrypoint
-    assert ("EXPOSE", "5555") in final
+    exposed = {port for word, rest in final if word == "EXPOSE" for port in rest.split()}
+    assert {"5555", "9464"} <= exposed, "the --bind port and the --metrics port (/healthz for probes)"
     for word, rest in stages[0]:
         if word == "COPY":
             for source in rest.split()[:-1]:
@@ -599,14 +600,20 @@ def test_k8s_manifests_static(rendered: dict[str, list[dict[str, Any]]], tmp_pat
         (CoordinatorKeys if path == ("start",) else WorkerKeys)(keys)
     start, join = params_of["start"], params_of["worker"]
     assert str(start["config"]).removeprefix("/srv/runner/") in configmap["data"]
-    # the coordinator: a Job (a run ends), never retried, probes that ask its status
+    # the coordinator: a Job (a run ends), never retried, probes that ask its HTTP /healthz (--metrics)
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     container = job["spec"]["template"]["spec"]["containers"][0]
+    metrics_host, _, metrics_port = str(start["metrics"]).rpartition(":")
+    assert metrics_host == "0.0.0.0", "--metrics on every address: the kubelet probes the pod's IP"
+    ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        command = container[probe]["exec"]["command"]
-        assert command[0] == "runner" and parse_runner_args(command[1:])[0] == ("status",) and "--json" in command
-        logs_dir = next(s for s in start["set_"] if s.startswith("logs.dir=")).split("=", 1)[1]
-        assert str(parse_runner_args(command[1:])[1]["logs_dir"]) == logs_dir
+        check = container[probe]["httpGet"]
+        assert check["path"] == "/healthz" and ports.get(check["port"], check["port"]) == int(metrics_port), f"{probe}: {check}"
+    # the worker serves no HTTP: no probe of it may expect one
+    worker_container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert not any("httpGet" in worker_container.get(p, {}) for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert {"port": int(metrics_port), "targetPort": "metrics"}.items() <= next(
+        p for p in service["spec"]["ports"] if p["name"] == "metrics").items(), "Prometheus scrapes the Service's metrics port"
     # workers reach it through the Service, on the bound port
     port = int(start["bind"].rsplit(":", 1)[1])
     assert join["connect"] == f"tcp://{service['metadata']['name']}:{port}" and join["serve"]
@@ -683,7 +690,9 @@ def check_k8s_against_cli_and_image(job: dict[str, Any], deployment: dict[str, A
         tmp = mount_of(env.get("TMPDIR", "/tmp"))
         assert not tmp.get("readOnly") and "emptyDir" in volumes[tmp["name"]], f"{kind}: TMPDIR on a writable emptyDir"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            if probe in container:
+            if probe in container and "httpGet" in container[probe]:
+                assert params.get("metrics"), f"{kind}: {probe} asks HTTP, but `runner {' '.join(path)}` serves none (no --metrics)"
+            elif probe in container:
                 command = container[probe]["exec"]["command"]
                 assert command[0] == entrypoint[0], f"{kind}: {probe} runs {command[0]}, not the image's {entrypoint[0]}"
                 probe_path, probe_params = parse_runner_args(command[1:])
@@ -698,8 +707,10 @@ def check_k8s_against_cli_and_image(job: dict[str, Any], deployment: dict[str, A
             logs_dir = next(s for s in params["set_"] if s.startswith("logs.dir=")).split("=", 1)[1]
             assert not mount_of(logs_dir).get("readOnly")
             port = int(params["bind"].rsplit(":", 1)[1])
-            (container_port,) = container["ports"]
+            metrics_port = int(params["metrics"].rsplit(":", 1)[1])
+            container_port, metrics = container["ports"]
             assert container_port["containerPort"] == port and port in exposed, f"{kind}: --bind {port}, EXPOSE {exposed}"
+            assert metrics["containerPort"] == metrics_port and metrics_port in exposed, f"{kind}: --metrics {metrics_port}, EXPOSE {exposed}"
             target = service["spec"]["ports"][0]["targetPort"]
             assert target in (port, container_port.get("name")), f"Service targetPort {target} is not the coordinator's port"
         else:

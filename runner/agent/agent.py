@@ -5,6 +5,12 @@ what they hold (its ledger is the only one); the agent starts them, passes frame
 them, enforces job_timeout on them, and reports every exit with the job in hand. If the coordinator
 goes silent past the heartbeat timeout, the agent kills its processes (their jobs are being re-run
 elsewhere), and joins again with backoff until `--give-up` runs out.
+
+A stop is bounded whatever the processes or the coordinator do: the first SIGINT/SIGTERM gives the
+processes the run's `shutdown.grace` to finish the job in hand; the session then SIGKILLs the rest and
+leaves (their jobs go back to the coordinator's queue uncharged), and a watchdog thread, in case the
+loop itself is stuck, kills them and exits 128 + signal at grace + 4 s. A signal that came while the
+command started (runner/early.py) stops the agent before it joins anything.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ import multiprocessing
 import os
 import re
 import signal
+import threading
 import time
 import traceback
 from typing import Any
 
 import zmq
 
-from runner import logs
+from runner import early, logs
 from runner.agent.session import HANDSHAKE_S, Session, SessionEnded
 from runner.backoff import backoff
 from runner.errors import ExitCode, ProtocolError
@@ -29,6 +36,10 @@ from runner.wire import zeromq as wire
 
 #: reconnect delays: 0.1 s doubling to 5 s, with jitter
 RECONNECT_BASE_S, RECONNECT_CAP_S = 0.1, 5.0
+#: the grace before a run's WELCOME says its shutdown.grace (the config's default)
+DEFAULT_GRACE_S = 10.0
+#: the watchdog fires this long after the grace (the promise is grace + 5 s; the rest is margin)
+WATCHDOG_EXTRA_S = 4.0
 
 
 class Agent:
@@ -48,6 +59,9 @@ class Agent:
         self.say = say
         self.extra_path = extra_path
         self.stop_signal: int | None = None
+        self.grace = DEFAULT_GRACE_S  #: the joined run's shutdown.grace (a session sets it from WELCOME)
+        self.stop_deadline: float | None = None  #: when a stop must have let go of every process (signal + grace)
+        self.session: Session | None = None
         self.joined = False
         self.notifier = Notifier()  #: systemd Type=notify: READY=1 once started, WATCHDOG=1 while a loop turns
         # ZeroMQ's threads must not take our signals: they start with SIGINT/SIGTERM blocked (run() unblocks)
@@ -57,6 +71,9 @@ class Agent:
     def run(self) -> ExitCode:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
+        held = early.received()  # one came while the command started: stop before joining anything
+        if held is not None:
+            self._on_signal(held, None)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         self.notifier.ready(f"joining {self.address}")
         try:
@@ -77,11 +94,47 @@ class Agent:
         if self.stop_signal is not None:
             os._exit(128 + signum)  # second signal: leave now; our processes die with us
         self.stop_signal = signum
+        self.stop_deadline = time.monotonic() + self.grace
+        # started with our signals blocked, so SIGINT/SIGTERM keep reaching the main thread
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            threading.Thread(target=self._watchdog, args=(self.grace + WATCHDOG_EXTRA_S, signum), name="watchdog", daemon=True).start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _watchdog(self, seconds: float, signum: int) -> None:
+        """The last resort if the loop is stuck past the stop's bound: kill our processes, exit 128 + signal."""
+        time.sleep(seconds)
+        session, pids = self.session, []
+        try:
+            pids += [proc.pid for proc in list(session.procs.procs.values()) if proc.pid] if session else []
+        except Exception:  # the main thread changes the table as we read it: multiprocessing's list has them too
+            pass
+        try:
+            pids += [child.pid for child in multiprocessing.active_children() if child.pid]
+        except Exception:
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            self.say(f"error: this worker did not stop within {seconds:g}s of {signal.Signals(signum).name}; its processes "
+                     "were killed and the coordinator runs their jobs again")
+        except Exception:
+            pass
+        os._exit(128 + signum)
+
+    def _stopped(self) -> ExitCode:
+        return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
 
     def _sessions(self) -> ExitCode:
         lost_since: float | None = None
         attempt = 1
         while True:
+            if self.stop_signal is not None:  # between sessions (or before the first): nothing to wait for
+                return self._stopped()
             delay = backoff(RECONNECT_BASE_S, attempt, RECONNECT_CAP_S, jitter=True)
             try:
                 self._session()
@@ -96,13 +149,13 @@ class Agent:
                     lost_since, attempt, self.joined = None, 1, False
                     continue
                 if end.outcome == "stopped":
-                    return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
+                    return self._stopped()
                 if end.outcome == "refused" and self.serve:
                     # another run, or this one ending: a serving worker waits for a run that takes it
                     self.say(f"the coordinator at {self.address} refused this worker ({end.detail}); waiting for the next run")
                     lost_since = None
                     if self._pause(delay):
-                        return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
+                        return self._stopped()
                     attempt += 1
                     continue
                 if end.outcome == "refused":
@@ -120,7 +173,7 @@ class Agent:
                 what = "coordinator lost" if end.outcome in ("lost", "reset") and self.joined else "waiting for the coordinator"
                 self.say(f"{what} ({end.detail}); trying again in {delay:.1f}s")
                 if self._pause(delay):
-                    return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM
+                    return self._stopped()
                 attempt += 1
             else:
                 lost_since = None
@@ -144,8 +197,10 @@ class Agent:
         try:
             welcome = self._handshake(sock)
             self.joined_at = time.monotonic()
-            Session(self, sock, welcome).run()
+            self.session = Session(self, sock, welcome)
+            self.session.run()
         finally:
+            self.session = None
             sock.close(0)
 
     def _handshake(self, sock: zmq.Socket) -> hm.Welcome:

@@ -34,6 +34,8 @@ class AgentView(Protocol):
     address: str
     extra_path: list[str]
     stop_signal: int | None
+    grace: float
+    stop_deadline: float | None
     joined: bool
     say: Callable[[str], None]
     notifier: Notifier
@@ -42,6 +44,8 @@ class AgentView(Protocol):
 HANDSHAKE_S = 3.0
 #: how often the job-timeout check runs
 CHECK_EVERY_S = 0.02
+#: after a stop's grace, how long the goodbye to the coordinator may wait for room in ZeroMQ's queue
+GOODBYE_S = 1.0
 
 
 class SessionEnded(Exception):
@@ -63,6 +67,7 @@ class Session:
         self.specs: dict[str, dict[str, Any]] = {pool: self._local_spec(spec) for pool, spec in welcome.specs.items()}
         self.interval = welcome.heartbeat.interval
         self.timeout = welcome.heartbeat.timeout
+        agent.grace = welcome.grace  # a stop signalled from now on gives the processes the run's own grace
         self.procs = LocalProcesses(welcome.start_method, self.host)
         warm_up(welcome.start_method)
         self.procs.poller.register(sock, zmq.POLLIN)
@@ -104,8 +109,11 @@ class Session:
         try:
             self.sock.send_multipart(parts, zmq.NOBLOCK)
         except zmq.Again:
-            if not self.sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
-                raise SessionEnded("lost", "the coordinator has not taken messages for the heartbeat timeout") from None
+            wait = self.timeout
+            if self.agent.stop_deadline is not None:  # stopping: the wait ends with the stop's bound
+                wait = max(0.0, min(wait, self.agent.stop_deadline + GOODBYE_S - time.monotonic()))
+            if not self.sock.poll(int(wait * 1000), zmq.POLLOUT):
+                raise SessionEnded("lost", f"the coordinator has not taken messages for {wait:g}s") from None
             self.sock.send_multipart(parts)
 
     def run(self) -> None:
@@ -142,9 +150,27 @@ class Session:
             self.stopping = True
             self.agent.say("stopping: processes finish the job in hand")
             self.procs.signal_all(signal.SIGTERM)
+        if self.stopping and self.procs.procs and now >= (self.agent.stop_deadline or now):
+            self._kill_overdue_stop()
         if self.stopping and not self.procs.procs:
             self._send(wire.BYE, "stopped")
             raise SessionEnded("stopped")
+
+    def _kill_overdue_stop(self) -> None:
+        """The grace is over and processes still run (a task that ignores SIGTERM, or is stuck): SIGKILL them and
+        leave. Their exits are not reported: the coordinator takes our BYE as the host leaving, and puts every job
+        they held back in its queue uncharged (not the jobs' fault), to run elsewhere."""
+        left = list(self.procs.procs.values())
+        self.procs.signal_all(signal.SIGKILL, "killed: still running at the end of shutdown.grace")
+        for proc in left:
+            proc.process.join(5)
+            self._relay(proc)  # what it finished before the kill still counts
+            self.procs.reap(proc)
+        names = ", ".join(proc.name for proc in left)
+        self.agent.say(f"stopping: {names} still running after shutdown.grace ({self.agent.grace:g}s); killed, "
+                       "the coordinator runs their jobs again")
+        self._send(wire.BYE, f"stopped: {len(left)} process(es) killed after shutdown.grace")
+        raise SessionEnded("stopped")
 
     def _relay(self, proc: LocalProcess) -> None:
         for frame in proc.reader.read():

@@ -1,7 +1,8 @@
 """The `runner` command line: main.py (start, check, worker, status, stop, keys) and logs.py (runs, logs).
 
-`runner.cli:main` is the console script's entry point; `runner.cli.app` the typer application. Both
-load the CLI only when used: `main` first starts the forkserver for `runner start` (early.py)."""
+`runner.cli.main` runs the command line: the console script enters through runner/__main__.py, which holds
+signals during these imports first; then, for `runner start`, the forkserver starts before the CLI loads
+(early.py). `runner.cli.app` is the typer application, loaded on first use."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
-    """The console script and `python -m runner`: the forkserver first (when the run will use it), then the CLI."""
+    """The command line: the forkserver first (when the run will use it), then the CLI."""
     from runner.cli.early import forkserver_first
     from runner.process import start
 

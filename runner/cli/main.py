@@ -16,7 +16,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from runner import __version__
+from runner import __version__, early
 from runner.config import Config, load_config, with_listen
 from runner.console import QuietConsole, guard
 from runner.errors import ExitCode, RunnerError, UsageError
@@ -69,10 +69,13 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
 ) -> None:
     _state["debug"] = debug
+    if ctx.invoked_subcommand != "worker":  # the worker's agent takes the held signals over (runner/early.py)
+        early.release()
 
 
 def _import_tasks(config: Config) -> list[str]:

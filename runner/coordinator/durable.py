@@ -86,22 +86,47 @@ class RunJournal:
         return timeout
 
     def tick(self, now: float) -> None:
-        if self.journal is not None and self.journal.records and now >= self.next_commit:
+        if self.journal is None:
+            return
+        self._check()  # the group-commit thread's write may have failed since the last tick
+        if self.journal.records and now >= self.next_commit:
             self.next_commit = now + self.journal.interval
             self.commit()
 
     def commit(self) -> None:
         if self.journal is not None:
             results, dead, fds = self.files.offsets()
-            self.journal.commit(results, dead, fds)
+            try:
+                self.journal.commit(results, dead, fds)
+            except J.JournalError as exc:
+                raise self._broken(str(exc)) from exc.__cause__
+
+    def _check(self) -> None:
+        """A journal that failed to write stops the run (the fail-safe path: exit 3, pending file), saying what to do."""
+        assert self.journal is not None
+        if self.journal.error is not None:
+            raise self._broken(self.journal.error)
+
+    def _broken(self, error: str) -> J.JournalError:
+        return J.JournalError(f"{error}. The run cannot stay crash-safe without it, so it stops here: its unfinished jobs, "
+                              f"if any, go to the pending file {self.files.pending_path}; once there is room again, "
+                              f"`runner resume {self.files.run_id}` continues the run from the journal's last complete commit")
 
     def finish(self, status: str) -> None:
-        """The run's end: the last commit, then the lock goes (the run is no longer alive)."""
-        if self.journal is not None:
-            self.journal.add([J.FINISH, status])
-            self.commit()
-            self.journal.close()
+        """The run's end: the last commit, then the lock goes (the run is no longer alive). A journal that
+        broke is only closed (nothing more is written after a failed write); one whose last commit fails raises."""
+        journal = self.journal
+        if journal is None:
+            return
+        try:
+            if journal.error is None:
+                journal.add([J.FINISH, status])
+                results, dead, fds = self.files.offsets()
+                journal.commit(results, dead, fds)
+        finally:
+            journal.close()
             self.journal = None
+        journal.check()
 
     @property
     def bytes_written(self) -> int:

@@ -237,7 +237,7 @@ class Hosts:
         self.hosts[identity] = self.names[unique] = host
         specs = {pool: events.pool_spec(pool) for pool in host.pools}
         self._send(identity, wire.WELCOME, events.run_id, known.name, unique, specs,
-                   {"interval": self.heartbeat.interval, "timeout": self.heartbeat.timeout}, known.start_method)
+                   {"interval": self.heartbeat.interval, "timeout": self.heartbeat.timeout}, known.start_method, known.shutdown.grace)
         self.log.info("host.joined", host=unique, pools=host.pools, processes=hello.processes, agent_pid=hello.pid)
         events.on_host_joined(host)
 

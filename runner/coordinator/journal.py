@@ -28,6 +28,11 @@ Records (msgpack arrays, first item the kind):
 
 While its coordinator lives, the run holds an exclusive flock on the journal: that lock, not a pid,
 answers "is this run alive" (pids are reused; containers renumber them).
+
+A write or fsync that fails (a full disk, EIO, a file-size limit) breaks the journal for good: nothing
+more is written after it (a frame after a torn one would never be read), and `check()` raises
+JournalError in the loop, which takes the run's fail-safe path (exit 3, the pending file). The journal
+stays good up to its last complete commit, so a resume, once the disk has room, continues from there.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from typing import Any
 
 import msgpack
 
-from runner.errors import UsageError
+from runner.errors import ExitCode, RunnerError, UsageError
 from runner.logs.read import journal_locked
 
 VERSION = 1
@@ -69,6 +74,12 @@ def _close_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_close_in_child)
+
+
+class JournalError(RunnerError):
+    """The journal could not be written mid-run: the run cannot stay crash-safe, so it stops (exit 3)."""
+
+    exit_code = ExitCode.CRASHED
 
 
 def journal_path(logs_dir: str | Path, run_id: str) -> Path:
@@ -154,17 +165,22 @@ class Journal:
                              f"(stop it first: runner stop {path.name.removesuffix('.journal')})") from exc
         _LOCKED_FDS.add(fd)
         self.fd = fd
-        if truncate_to is not None:
-            os.ftruncate(fd, truncate_to)  # a torn tail would hide every frame written after it
-        os.lseek(fd, 0, os.SEEK_END)
         self.records: list[Any] = []
         self.bytes_written = 0
         self._queue: queue.SimpleQueue[tuple[bytes, list[int]] | None] | None = None
         self._thread: threading.Thread | None = None
-        self.error: str | None = None
-        if header is not None:
-            self._write(frame(header))
-            os.fsync(fd)
+        self.error: str | None = None  #: why the journal broke (a failed write or fsync): nothing is written after it
+        try:
+            if truncate_to is not None:
+                os.ftruncate(fd, truncate_to)  # a torn tail would hide every frame written after it
+            os.lseek(fd, 0, os.SEEK_END)
+            if header is not None:
+                self._write(frame(header))
+                os.fsync(fd)
+        except (OSError, JournalError) as exc:
+            self.close()
+            raise UsageError(f"cannot write the journal {path}: {getattr(exc, 'strerror', None) or exc}. Nothing was started: "
+                             "make room there, or choose another logs.dir") from exc
         if isinstance(sync, float):
             self._queue = queue.SimpleQueue()
             self._thread = threading.Thread(target=self._syncer, name="journal", daemon=True)
@@ -179,17 +195,31 @@ class Journal:
 
     def commit(self, results_offset: int | None, dead_offset: int | None, fds: list[int]) -> None:
         """One frame of everything since the last commit, with the files' offsets after their lines."""
+        self.check()
         data = frame([COMMIT, self.records, results_offset, dead_offset])
         self.records = []
         if self._queue is not None:
             self._queue.put((data, fds))
             return
-        if self.sync == "always":
-            for fd in fds:
-                os.fdatasync(fd)
-        self._write(data)
-        if self.sync == "always":
-            os.fdatasync(self.fd)
+        try:
+            if self.sync == "always":
+                for fd in fds:
+                    os.fdatasync(fd)
+            self._write(data)
+            if self.sync == "always":
+                os.fdatasync(self.fd)
+        except OSError as exc:
+            self._broke(exc)
+            raise JournalError(self.error) from exc
+
+    def check(self) -> None:
+        """Raise JournalError if a write or fsync failed (in the loop, or in the group-commit thread)."""
+        if self.error is not None:
+            raise JournalError(self.error)
+
+    def _broke(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = f"cannot write the journal {self.path}: {exc.strerror or exc}"
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -209,14 +239,14 @@ class Journal:
             stop = None in items
             try:
                 fds = {fd for entry in items if entry is not None for fd in entry[1]}
-                for fd in fds:
-                    os.fdatasync(fd)
                 data = b"".join(entry[0] for entry in items if entry is not None)
-                if data:
+                if data and self.error is None:  # once broken, nothing more: the loop sees `error` and stops the run
+                    for fd in fds:
+                        os.fdatasync(fd)
                     self._write(data)
                     os.fdatasync(self.fd)
-            except OSError as exc:  # a full disk: the run goes on; a resume re-runs what was not journaled
-                self.error = f"journal {self.path}: {exc.strerror}"
+            except OSError as exc:  # a full disk, EIO: the loop's next check() takes the run to its fail-safe path
+                self._broke(exc)
             if stop:
                 return
 
@@ -225,11 +255,13 @@ class Journal:
         if self._queue is not None and self._thread is not None:
             self._queue.put(None)
             self._thread.join()
+            self._thread = None
         else:
             try:
                 os.fsync(self.fd)
             except OSError:
                 pass
-        _LOCKED_FDS.discard(self.fd)
-        os.close(self.fd)
+        if self.fd in _LOCKED_FDS:
+            _LOCKED_FDS.discard(self.fd)
+            os.close(self.fd)
 

@@ -43,6 +43,7 @@ from runner.coordinator.failsafe import WATCHDOG_EXTRA_S, Watchdog, kill_childre
 from runner.coordinator.files import RunFiles, writable
 from runner.coordinator.flow import Flow
 from runner.coordinator.hosts import Hosts, RemoteHost
+from runner.coordinator.journal import JournalError
 from runner.coordinator.ledger import Job, Ledger
 from runner.coordinator.locks import LockTable
 from runner.coordinator.members import Member
@@ -639,15 +640,30 @@ class Coordinator:
         return report.status(self.run_id, self.run_cfg.name, self.state, self.started, self.display.rate, self.host,
                              self.ledger, self.supervisor.members(), self.hosts.hosts.values() if self.hosts else [])
 
+    def _close_journal(self, status: str) -> None:
+        """The journal's last commit. If it broke during the run, the crash said so already; if only this
+        last commit fails, the run's results and log are complete: say what a resume would do."""
+        try:
+            self.durable.finish(status)
+        except JournalError as exc:
+            if self.crash is None:
+                _say_stderr(f"warning: run {self.run_id} ended {status}, but its journal's last commit failed ({exc}); its results "
+                            "and log are complete (a resume would only run again the jobs the journal lacks)")
+
     def _finish(self) -> ExitCode:
         pending = self.ledger.unsettled()
+        pending_written = bool(pending)
         try:
             self.files.write_pending([{"job_id": job.id, "pool": job.pool, "payload": job.payload, "attempts": job.attempt - 1}
                                       for job in pending])
         except OSError as exc:  # a full disk: say what is lost, and where it should have gone
+            pending_written = False
             self.crash = self.crash or f"cannot write the pending file {self.files.pending_path}: {exc.strerror or exc}"
+            self._safely(self.files.pending_path.unlink, True)  # a torn pending file would pass for a whole one
+            again = (f"`runner resume {self.run_id}` runs them again from the journal once there is room" if self.durable.on
+                     else "their ids are in the log's worker and job events")
             _say_stderr(f"error: {len(pending)} unfinished job(s) could not be written to {self.files.pending_path}: "
-                        f"{exc.strerror or exc}; their ids are in the log's worker and job events")
+                        f"{exc.strerror or exc}; {again}")
         counts = report.counts(self.ledger)
         if self.crash is not None:
             status, code = "crashed", ExitCode.CRASHED
@@ -660,7 +676,7 @@ class Coordinator:
         pools = report.pool_summary(self.ledger, time.monotonic() - self.started)
         end = {"status": status, "exit_code": int(code), "duration_s": round(time.monotonic() - self.started, 3),
                **{k: counts[k] for k in ("produced", "done", "failed", "retried", "dead")}, "pending": len(pending),
-               "error": self.crash or self.failure, "pending_file": str(self.files.pending_path) if pending else None,
+               "error": self.crash or self.failure, "pending_file": str(self.files.pending_path) if pending_written else None,
                "dead_file": str(self.files.dead_path) if counts["dead"] else None}
         self.end = {**end, "pools": pools}
         level = "error" if status in ("failed", "crashed") else "info"
@@ -668,7 +684,7 @@ class Coordinator:
             # a run that can be resumed (stopped, crashed; or killed, never here) keeps them: `runner resume`
             # runs under the same run id, so the same keys, and workers that found them join it again
             self._safely(wire.remove_run_keys, self.run_id)
-        self._safely(self.durable.finish, status)  # before run.finished: a reader that sees the line finds the run's lock released
+        self._safely(self._close_journal, status)  # before run.finished: a reader that sees the line finds the run's lock released
         self._safely(lambda: getattr(self.log, level)("run.finished", **end, pools=pools, workers=self.supervisor.worker_stats))
         self._safely(self.files.close)
         self._safely(self.runlog.close)

@@ -7,7 +7,7 @@ so job batches are never re-encoded on the way. `seq` numbers the messages of on
 and the session is reset. Messages outside a session (REFUSE, RESET, control requests and replies) carry 0.
 
   worker -> coordinator                         coordinator -> worker
-  [HELLO, name, pools, processes, pid, run]     [WELCOME, run_id, run_name, host, specs, heartbeat, start_method]
+  [HELLO, name, pools, processes, pid, run]     [WELCOME, run_id, run_name, host, specs, heartbeat, start_method, grace]
   [FWD, worker] + frame    (a process's frame)  [REFUSE, reason]
   [EXITED, worker, code, signal, reason,        [SPAWN, worker, pool, role, index, restart, spec]
            running, fatal, cause]               [TO, worker] + frame     (into its inbox)
@@ -93,6 +93,8 @@ class Welcome(HostMessage, tag=WELCOME):
     specs: Annotated[dict[Name, Spec], Meta(max_length=256)]
     heartbeat: Heartbeat
     start_method: Literal["fork", "spawn", "forkserver"]
+    #: the run's shutdown.grace: how long a worker host's processes get to finish after a signal to its agent
+    grace: Annotated[float, Meta(ge=0, le=86400)] = 10.0
 
 
 class Refuse(HostMessage, tag=REFUSE):

@@ -42,7 +42,7 @@ def _config(name: str, logs_dir: str = "logs", **extra: Any) -> dict[str, Any]:
         "name": name,
         "producers": [{"name": "prod", "task": "tasks:produce", "params": {"n": N}}],
         "consumers": [{"name": "work", "task": "tasks:consume", "processes": 2}],
-        "queue": {"maxsize": 10},  # production paced by consumption: some jobs done, some pending at the crash
+        "queue": {"maxsize": 10, "batch": 4},  # production paced by consumption (credit: maxsize + one batch): some done, some pending at the crash
         "results": "results.jsonl",
         "logs": {"dir": logs_dir},
         "start_method": "fork",

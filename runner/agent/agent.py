@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from runner import early, logs
-from runner.agent.session import HANDSHAKE_S, Session, SessionEnded
+from runner.agent.session import GOODBYE_S, HANDSHAKE_S, Session, SessionEnded
 from runner.backoff import backoff
 from runner.errors import ExitCode, ProtocolError
 from runner.sdnotify import Notifier
@@ -194,14 +194,21 @@ class Agent:
                 raise SessionEnded("lost", f"no run of yours listens at {self.address} (a run's keys are in {wire.control_dir()}); "
                                            "pass --keys DIR, or --insecure for a run started with --insecure")
         sock = wire.connect_dealer(self.context, self.address, keys)
+        linger_ms = 0
         try:
             welcome = self._handshake(sock)
             self.joined_at = time.monotonic()
             self.session = Session(self, sock, welcome)
             self.session.run()
+        except SessionEnded as end:
+            if self.session is not None and end.outcome != "lost":
+                # our last reports and the BYE may still be in ZeroMQ's queue: a socket closed without linger drops
+                # them, and the coordinator would count this host lost, not left. Bounded: nobody may be listening.
+                linger_ms = int(GOODBYE_S * 1000)
+            raise
         finally:
             self.session = None
-            sock.close(0)
+            sock.close(linger_ms)
 
     def _handshake(self, sock: zmq.Socket) -> hm.Welcome:
         """One HELLO per socket (a new socket for every attempt), so a slow answer never makes two sessions."""

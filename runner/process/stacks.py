@@ -46,8 +46,14 @@ def install(run_id: str) -> None:
     """In the child, at start: dump every thread's stack to its file on STACK_SIGNAL."""
     folder = stack_dir(run_id)
     folder.parent.mkdir(mode=0o700, exist_ok=True)  # the user's private folder (as the control socket's)
-    folder.mkdir(mode=0o700, exist_ok=True)
-    out = open(stack_path(run_id, os.getpid()), "ab", buffering=0)  # O_APPEND: writes go to the end after a truncate
+    for attempt in range(3):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        try:
+            out = open(stack_path(run_id, os.getpid()), "ab", buffering=0)  # O_APPEND: writes go to the end after a truncate
+            break
+        except FileNotFoundError:  # the parent removed the emptied folder (remove) as another process ended: again
+            if attempt == 2:
+                raise
     _held[:] = [out]
     faulthandler.register(STACK_SIGNAL, file=out, all_threads=True, chain=False)
 

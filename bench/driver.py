@@ -306,8 +306,8 @@ def run_runner(workdir: Path, config: dict[str, Any], *, sets: list[str] = (), w
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     script = Path(sys.executable).parent / "runner"  # the console script, as users type it
-    cmd = [str(script) if script.exists() else sys.executable, *([] if script.exists() else ["-m", "runner"]),
-           "start", "--config", str(path)]
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "runner"]
+    cmd = [*launcher, "start", "--config", str(path)]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "NO_COLOR": "1"}
@@ -375,3 +375,14 @@ def import_floor_wall(workdir: Path) -> float:
     subprocess.run([sys.executable, "-c", "import typer, pydantic, structlog, zmq, msgpack, yaml"], cwd=workdir, check=True,
                    capture_output=True)
     return time.perf_counter() - t0
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("?" when it does not say)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"

@@ -117,14 +117,7 @@ def machine_info() -> dict[str, str]:
     import msgpack
     import zmq
 
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = driver.cpu_model()
     mem = "?"
     try:
         kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])

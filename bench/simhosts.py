@@ -407,15 +407,9 @@ def measure(n: int, jobs: int, idle_s: float, processes: int, insecure: bool, ke
 
 
 def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    from driver import cpu_model  # bench/driver.py, beside this script
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def _commit() -> str:

@@ -225,12 +225,7 @@ def test_compose_services_run_in_containers(deployment: Deployment) -> None:
 
     wait_for(joined, 90, "both worker containers to join", interval=0.2)
 
-    assert deployment.wait("coordinator", 180) == 0, deployment.output("coordinator")[-3000:]
-    events = events_in(deployment.logs)
-    assert events[-1]["event"] == "run.finished" and events[-1]["status"] == "finished", events[-1]
-    assert_buns_once(deployment.results(), buns)
-    done = eaten_by_host(events)
-    assert done["worker-1"] > 0 and done["worker-2"] > 0, f"jobs done per host: {dict(done)}"
+    assert_finished_on_both_workers(deployment, buns)
     # the workers (--serve) outlive the run; `podman stop` (SIGTERM) ends them gracefully
     for label in ("worker-1", "worker-2"):
         def run_over(label: str = label) -> bool:
@@ -240,6 +235,16 @@ def test_compose_services_run_in_containers(deployment: Deployment) -> None:
         assert deployment.running(label), deployment.output(label)[-3000:]
         podman("stop", deployment.name(label), timeout=120)
         assert deployment.wait(label, 60) in (0, 143), deployment.output(label)[-3000:]
+
+
+def assert_finished_on_both_workers(deployment: Deployment, buns: int) -> None:
+    """The coordinator exits 0 with run.finished, every bun eaten once, and both worker containers did some."""
+    assert deployment.wait("coordinator", 180) == 0, deployment.output("coordinator")[-3000:]
+    events = events_in(deployment.logs)
+    assert events[-1]["event"] == "run.finished" and events[-1]["status"] == "finished", events[-1]
+    assert_buns_once(deployment.results(), buns)
+    done = eaten_by_host(events)
+    assert done["worker-1"] > 0 and done["worker-2"] > 0, f"jobs done per host: {dict(done)}"
 
 
 def test_a_worker_container_stopped_mid_run_loses_nothing(deployment: Deployment) -> None:
@@ -263,12 +268,7 @@ def test_a_worker_container_stopped_mid_run_loses_nothing(deployment: Deployment
     assert code in (0, 143) and stopped_in < limit, f"worker-1 exited {code} after {stopped_in:.1f}s"
     print(f"podman stop of a worker mid-run: {stopped_in:.1f}s")
 
-    assert deployment.wait("coordinator", 180) == 0, deployment.output("coordinator")[-3000:]
-    events = events_in(deployment.logs)
-    assert events[-1]["event"] == "run.finished" and events[-1]["status"] == "finished", events[-1]
-    assert_buns_once(deployment.results(), buns)
-    done = eaten_by_host(events)
-    assert done["worker-1"] > 0 and done["worker-2"] > 0, f"jobs done per host: {dict(done)}"
+    assert_finished_on_both_workers(deployment, buns)
     podman("stop", deployment.name("worker-2"), timeout=60)
 
 

@@ -381,7 +381,7 @@ def test_crash_during_a_stop_exits_3_not_143(folder: Path) -> None:
 
 WATCHDOG = """
 import multiprocessing, sys, time
-from runner.coordinator.failsafe import Watchdog
+from runner.process.watchdog import Watchdog
 
 def child():
     time.sleep(600)

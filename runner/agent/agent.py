@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import re
 import signal
-import threading
 import time
 import traceback
 from typing import Any
@@ -30,6 +29,7 @@ from runner import early, logs
 from runner.agent.session import GOODBYE_S, HANDSHAKE_S, Session, SessionEnded
 from runner.backoff import backoff
 from runner.errors import ExitCode, ProtocolError
+from runner.process.watchdog import WATCHDOG_EXTRA_S, Watchdog
 from runner.sdnotify import Notifier
 from runner.wire import host_messages as hm
 from runner.wire import zeromq as wire
@@ -38,8 +38,6 @@ from runner.wire import zeromq as wire
 RECONNECT_BASE_S, RECONNECT_CAP_S = 0.1, 5.0
 #: the grace before a run's WELCOME says its shutdown.grace (the config's default)
 DEFAULT_GRACE_S = 10.0
-#: the watchdog fires this long after the grace (the promise is grace + 5 s; the rest is margin)
-WATCHDOG_EXTRA_S = 4.0
 
 
 class Agent:
@@ -60,6 +58,8 @@ class Agent:
         self.extra_path = extra_path
         self.stop_signal: int | None = None
         self.grace = DEFAULT_GRACE_S  #: the joined run's shutdown.grace (a session sets it from WELCOME)
+        self.watchdog = Watchdog(self._child_pids, self.say, who="this worker",
+                                 then="and the coordinator runs their jobs again")
         self.stop_deadline: float | None = None  #: when a stop must have let go of every process (signal + grace)
         self.session: Session | None = None
         self.joined = False
@@ -95,36 +95,17 @@ class Agent:
             os._exit(128 + signum)  # second signal: leave now; our processes die with us
         self.stop_signal = signum
         self.stop_deadline = time.monotonic() + self.grace
-        # started with our signals blocked, so SIGINT/SIGTERM keep reaching the main thread
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
-            threading.Thread(target=self._watchdog, args=(self.grace + WATCHDOG_EXTRA_S, signum), name="watchdog", daemon=True).start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self.watchdog.arm(self.grace + WATCHDOG_EXTRA_S, 128 + signum, signal.Signals(signum).name)
 
-    def _watchdog(self, seconds: float, signum: int) -> None:
-        """The last resort if the loop is stuck past the stop's bound: kill our processes, exit 128 + signal."""
-        time.sleep(seconds)
+    def _child_pids(self) -> list[int]:
+        """Our processes, for the watchdog: the session's table, and what multiprocessing knows (the main
+        thread may change the table as we read it)."""
         session, pids = self.session, []
         try:
             pids += [proc.pid for proc in list(session.procs.procs.values()) if proc.pid] if session else []
-        except Exception:  # the main thread changes the table as we read it: multiprocessing's list has them too
-            pass
-        try:
-            pids += [child.pid for child in multiprocessing.active_children() if child.pid]
         except Exception:
             pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        try:
-            self.say(f"error: this worker did not stop within {seconds:g}s of {signal.Signals(signum).name}; its processes "
-                     "were killed and the coordinator runs their jobs again")
-        except Exception:
-            pass
-        os._exit(128 + signum)
+        return pids + [child.pid for child in multiprocessing.active_children() if child.pid]
 
     def _stopped(self) -> ExitCode:
         return ExitCode.SIGINT if self.stop_signal == signal.SIGINT else ExitCode.SIGTERM

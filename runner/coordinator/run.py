@@ -16,7 +16,7 @@ Fail-safe: any unexpected exception in the loop (a bug, a full disk) is a crash,
 `run.crashed` with the traceback; every process, local and remote, gets the graceful stop, bounded
 by `shutdown.grace`, then SIGKILL (remote ones not confirmed by then are dropped); every unsettled
 job goes to the pending file; `run.finished` says `crashed`; exit 3, even during a signal's stop.
-A Watchdog (failsafe.py) bounds a stop or a crash at grace + 5 s even if this loop is stuck.
+A Watchdog (process/watchdog.py) bounds a stop or a crash at grace + 5 s even if this loop is stuck.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from runner.config import Config
 from runner.coordinator import report
 from runner.coordinator.control import ControlSocket
 from runner.coordinator.durable import RunJournal, open_journal, restore
-from runner.coordinator.failsafe import WATCHDOG_EXTRA_S, Watchdog, kill_children
+from runner.coordinator.failsafe import kill_children
 from runner.coordinator.files import RunFiles, writable
 from runner.coordinator.flow import Flow
 from runner.coordinator.hosts import Hosts, RemoteHost
@@ -54,6 +54,7 @@ from runner.display import Display
 from runner.errors import ExitCode, ProtocolError, UsageError
 from runner.process.handle import Exit
 from runner.process.start import warm_up
+from runner.process.watchdog import WATCHDOG_EXTRA_S, Watchdog
 from runner.sdnotify import Notifier
 from runner.timing import bucket_ms
 from runner.wire import host_messages as hm

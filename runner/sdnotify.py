@@ -16,6 +16,8 @@ import os
 import socket
 import time
 
+STATE_PATIENCE_S = 1.0  #: how long READY=1 and STOPPING=1 wait for room in a full notify queue
+
 
 class Notifier:
     """Sends notify messages to the service manager, and WATCHDOG=1 at half the watchdog period."""
@@ -38,21 +40,35 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def send(self, *fields: str) -> None:
+    def send(self, *fields: str, patience_s: float = 0.0) -> None:
+        """Send one message; when the manager's queue is full, retry for up to `patience_s`, then drop it.
+
+        A ping may be dropped (the next one follows), but READY=1 and STOPPING=1 are state changes
+        the manager acts on, so those wait a little for room. Never for ever: a manager that stopped
+        reading must not hang the run (a blocking socket did, for 55 s, in CI).
+        """
         if self.address is None:
             return
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-            self._sock.sendto("\n".join(fields).encode(), self.address)
-        except OSError:
-            pass  # the service manager is gone or the socket is full: nothing to do about it here
+        data = "\n".join(fields).encode()
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+                self._sock.sendto(data, self.address)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return  # the queue stayed full: drop it
+                time.sleep(0.01)
+            except OSError:
+                return  # the service manager is gone: nothing to do about it here
 
     def ready(self, status: str | None = None) -> None:
-        self.send("READY=1", *([f"STATUS={status}"] if status else []), f"MAINPID={os.getpid()}")
+        self.send("READY=1", *([f"STATUS={status}"] if status else []), f"MAINPID={os.getpid()}", patience_s=STATE_PATIENCE_S)
 
     def stopping(self) -> None:
-        self.send("STOPPING=1")
+        self.send("STOPPING=1", patience_s=STATE_PATIENCE_S)
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")

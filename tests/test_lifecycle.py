@@ -183,8 +183,11 @@ def test_coordinator_sigkilled_leaves_no_process(tmp_path: Path, method: str) ->
         run.wait(10)
         # they exit by themselves (parent-death signal, the parent watch); the deadline is generous, as the
         # machine may be loaded: it tells "exits on its own" from "orphaned for ever", not a speed
-        wait_for(lambda: not _alive(children) and not _runner_titles(name), timeout=30.0, interval=0.01,
-                 what=f"every child to exit; still alive: {[psutil.Process(p).cmdline() for p in _alive(children)]}")
+        try:
+            wait_for(lambda: not _alive(children) and not _runner_titles(name), timeout=30.0, interval=0.01,
+                     what="every child to exit")
+        except AssertionError as timed_out:  # say which ones stayed, as they are when the wait ends
+            raise AssertionError(f"{timed_out}; still alive: {_runner_titles(name)}, {_alive(children)}") from None
     finally:
         run.process.kill()
         for pid in _alive(children):

@@ -99,7 +99,12 @@ def kill_coordinator_at(folder: Path, process: subprocess.Popen[str], done: int)
 
 
 def run_id_of(folder: Path) -> str:
+    """The one run's id, from its journal, or from its log for a `journal: false` run."""
     journals = list((folder / "logs").glob("*.journal"))
+    if not journals:
+        logs = [p for p in (folder / "logs").glob("*.jsonl") if not p.name.endswith((".dead.jsonl", ".pending.jsonl"))]
+        assert len(logs) == 1, logs
+        return logs[0].name.removesuffix(".jsonl")
     assert len(journals) == 1, journals
     return journals[0].name.removesuffix(".journal")
 
@@ -227,8 +232,11 @@ def test_start_resume_and_refusals(folder: Path) -> None:
     assert_each_once(results(folder), range(N))
 
 
-def test_retry_after_fix(folder: Path) -> None:
-    cfg = config(consumers=[{"name": "work", "task": "tasks:fragile", "processes": 2, "retries": 1, "retry_backoff": "10ms"}])
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "dead-file"])
+def test_retry_after_fix(folder: Path, journal: bool) -> None:
+    """With a journal the payloads come from it; with `journal: false`, from the dead file."""
+    cfg = config(consumers=[{"name": "work", "task": "tasks:fragile", "processes": 2, "retries": 1, "retry_backoff": "10ms"}],
+                 **({} if journal else {"journal": False}))
     run = start_run(folder, cfg, tasks=TASKS)
     assert run.wait(240) == 1, run.stderr
     run_id = run_id_of(folder)
@@ -245,8 +253,22 @@ def test_retry_after_fix(folder: Path) -> None:
     assert read_jsonl(dead_path) == []
     reruns = log_events(folder, run_id, "job.rerun")
     assert sorted(e["job_id"] for e in reruns) == bad and all(e["previous_attempts"] == 2 for e in reruns)
+    finished = log_events(folder, run_id, "run.finished")[-1]
+    assert (finished["status"], finished["done"], finished["dead"]) == ("finished", N, 0), finished
+    assert bool(list((folder / "logs").glob("*.journal"))) == journal  # a `journal: false` run stays without one
     nothing = cli("retry", run_id, "--logs", "logs", cwd=folder)
     assert nothing.returncode == 0 and "no dead job" in nothing.stdout
+
+
+def test_retry_without_journal_refuses_a_run_that_did_not_finish(folder: Path) -> None:
+    """A `journal: false` run whose log has no run.finished (killed, or still running): exit 2, saying why."""
+    logs = folder / "logs"
+    logs.mkdir()
+    run_id = "nj-20261201T000000Z-abcdef"
+    (logs / f"{run_id}.jsonl").write_text(json.dumps({"event": "run.started", "config": "run.yaml", "run_id": run_id}) + "\n")
+    refused = cli("retry", run_id, "--logs", "logs", cwd=folder)
+    assert refused.returncode == 2, refused.stderr
+    assert "did not finish" in refused.stderr and "journal: false" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_resume_with_a_worker_host_that_reconnects(folder: Path) -> None:

@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from runner.config import Config, config_from_data
+from runner.config import Config, config_from_data, load_config
 from runner.coordinator import journal as J
-from runner.coordinator.resume import JournalState, load
+from runner.coordinator.resume import DeadFileState, JournalState, load
 from runner.errors import UsageError
 
 #: the statuses of a run whose coordinator ended it for good (`stopped` and `crashed` runs resume)
@@ -148,12 +148,66 @@ def _dead_lines(path: Path) -> dict[int, dict[str, Any]]:
     return lines
 
 
+def _without_journal(run_id: str, logs_dir: Path) -> DeadFileState:
+    """A `journal: false` run, for `runner retry`: its config read again from the file its log names, its
+    dead jobs (payloads included) from its dead file, its counts from its last `run.finished`."""
+    start: dict[str, Any] | None = None
+    finished: dict[str, Any] | None = None
+    with open(logs_dir / f"{run_id}.jsonl", "rb") as log:
+        for raw in log:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue  # a torn or damaged line: `runner logs` reports those
+            if not isinstance(event, dict):
+                continue
+            if event.get("event") in ("run.started", "run.resumed"):
+                start, finished = event, None
+            elif event.get("event") == "run.finished":
+                finished = event
+    if start is None:
+        raise UsageError(f"run {run_id}: its log {logs_dir / f'{run_id}.jsonl'} has no run.started: nothing to retry")
+    if finished is None or finished.get("status") not in FINISHED:
+        how = "did not finish (its coordinator died, or it still runs)" if finished is None else f"was {finished.get('status')}"
+        raise UsageError(f"run {run_id} {how}, and it ran with `journal: false`, so it cannot be resumed; "
+                         f"`runner retry` re-runs the dead jobs of a finished run only. The unfinished jobs of a stopped "
+                         f"or crashed run are in {logs_dir / f'{run_id}.pending.jsonl'}, if it could write them.")
+    config_path = str(start.get("config") or "")
+    try:
+        cfg = load_config(config_path)
+    except UsageError as exc:
+        raise UsageError(f"run {run_id} ran with `journal: false`, so `runner retry` reads its config again from the "
+                         f"file its log names: {exc}") from exc
+    state = DeadFileState(J.journal_path(logs_dir, run_id), run_id=run_id, name=cfg.run.name,
+                          config={**cfg.run.model_dump(mode="json"), "journal": False},
+                          config_path=str(cfg.path), base_dir=cfg.base_dir, finished=str(finished["status"]))
+    consumers = {c.name for c in cfg.run.consumers}
+    for job_id, line in _dead_lines(logs_dir / f"{run_id}.dead.jsonl").items():
+        pool, attempts = line.get("pool"), line.get("attempts")
+        if not isinstance(pool, str) or not isinstance(attempts, int):
+            continue  # not a line the runner wrote
+        if pool not in consumers:
+            raise UsageError(f"cannot retry run {run_id}: its dead job {job_id} belongs to pool {pool!r}, which its "
+                             f"config {cfg.path} no longer has")
+        state.dead[job_id] = (pool, attempts)
+        state.payloads[job_id] = (pool, str(line.get("origin") or "retry"), line.get("payload"))
+    pools = finished.get("pools")
+    pools = pools if isinstance(pools, dict) else {}
+    state.done = {pool: int(info.get("done", 0)) for pool, info in pools.items() if isinstance(info, dict)}
+    produced = finished.get("produced")
+    state._grow(max([produced if isinstance(produced, int) else 0, *state.dead]))  # ids the rerun's new jobs (emitted ones) must not reuse
+    return state
+
+
 def to_retry(run_id: str, jobs: list[int], error: str | None, logs_dir: Path) -> tuple[JournalState, dict[int, int], str]:
-    """(the run's journal, dead job id -> attempts made, a listing) for `runner retry`."""
-    path = _journal_of(run_id, None, logs_dir)
-    assert path is not None
-    _refuse_alive(path)
-    state = load(path)
+    """(the run's journal, or its dead file's stand-in; dead job id -> attempts made; a listing) for `runner retry`."""
+    if not J.journal_path(logs_dir, run_id).exists() and (logs_dir / f"{run_id}.jsonl").exists():
+        state: JournalState = _without_journal(run_id, logs_dir)
+    else:
+        path = _journal_of(run_id, None, logs_dir)
+        assert path is not None
+        _refuse_alive(path)
+        state = load(path)
     if state.finished not in FINISHED:
         raise UsageError(f"run {run_id} did not finish (its coordinator died or was stopped): `runner resume {run_id}` first")
     lines = _dead_lines(logs_dir / f"{run_id}.dead.jsonl")

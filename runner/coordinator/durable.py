@@ -136,6 +136,8 @@ class RunJournal:
 def open_journal(config: Config, run_id: str, resume: JournalState | None) -> J.Journal | None:
     """The run's journal, locked; a new run writes its header (the config, its hash, the run id)."""
     run = config.run
+    if resume is not None and not resume.journaled:
+        return None  # `runner retry` of a `journal: false` run: its dead file stood in for the journal
     if run.journal is None:
         if resume is not None:
             raise UsageError("a resumed run keeps its journal: `journal` cannot be turned off on resume")

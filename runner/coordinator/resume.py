@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from runner.coordinator import journal as J
 from runner.errors import UsageError
@@ -39,6 +39,7 @@ class Unsettled:
 
 @dataclass
 class JournalState:
+    journaled: ClassVar[bool] = True  #: read from a journal, which the resumed run appends to
     path: Path
     run_id: str = ""
     name: str = ""
@@ -170,6 +171,25 @@ class JournalState:
             if len(wanted) < n:
                 payloads = protocol.unpack_blob(blob, n)
                 blob = protocol.repack([payloads[i] for i in wanted])
+            yield Unsettled(pool, origin, ids, [self.attempts.get(job_id, 1) for job_id in ids], blob)
+
+
+@dataclass
+class DeadFileState(JournalState):
+    """A `journal: false` run's dead jobs, for `runner retry`: read from its dead file and its log in
+    place of a journal. The payloads are what the dead file holds: JSON, so a payload JSON cannot hold
+    exactly (bytes, a tuple) comes back as JSON reads it. Nothing is journaled for the rerun either."""
+
+    journaled: ClassVar[bool] = False
+    payloads: dict[int, tuple[str, str, Any]] = field(default_factory=dict)  #: job id -> (pool, origin, payload)
+
+    def unsettled(self, only: set[int] | None = None) -> Iterator[Unsettled]:
+        groups: dict[tuple[str, str], list[int]] = {}
+        for job_id in sorted(self.payloads if only is None else only & self.payloads.keys()):
+            pool, origin, _payload = self.payloads[job_id]
+            groups.setdefault((pool, origin), []).append(job_id)
+        for (pool, origin), ids in groups.items():
+            blob = protocol.repack([self.payloads[job_id][2] for job_id in ids])
             yield Unsettled(pool, origin, ids, [self.attempts.get(job_id, 1) for job_id in ids], blob)
 
 

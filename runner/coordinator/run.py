@@ -99,7 +99,7 @@ class Coordinator:
         writable(log_dir, self.log_path, run.results_path(self.run_id), lambda: self.control_address)  # exit 2 before anything starts
         journal = open_journal(config, self.run_id, resume)  # first: its lock says no other coordinator has this run
         self.files = RunFiles(log_dir, self.run_id, run.results_path(self.run_id),
-                              truncate=(resume.results_offset, resume.dead_offset or 0) if resume is not None else None)
+                              truncate=(resume.results_offset, resume.dead_offset or 0) if resume is not None and resume.journaled else None)
         self.durable = RunJournal(journal, self.files)
         self.end: dict[str, Any] | None = None  #: run.finished's fields, once the run is over
         self.notifier = Notifier()  #: systemd Type=notify: READY=1, WATCHDOG=1 while the loop turns

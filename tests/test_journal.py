@@ -50,6 +50,13 @@ def gated(ctx, job):
     return {"i": job["i"]}
 
 
+def flaky_once(ctx, job):
+    if job["i"] % 100 == 7 and ctx.attempt == 1:
+        raise ValueError(f"flaky job {job['i']}")
+    time.sleep(0.001)  # as consume: the run lasts long enough to be killed in the middle
+    return {"i": job["i"]}
+
+
 def fragile(ctx, job):
     if job["i"] % 100 == 7 and not os.path.exists("fixed"):
         raise ValueError(f"bad job {job['i']}")
@@ -269,6 +276,31 @@ def test_retry_without_journal_refuses_a_run_that_did_not_finish(folder: Path) -
     refused = cli("retry", run_id, "--logs", "logs", cwd=folder)
     assert refused.returncode == 2, refused.stderr
     assert "did not finish" in refused.stderr and "journal: false" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_metric_counters_go_on_across_a_resume(folder: Path) -> None:
+    """Counters are cumulative over the run, resume included: the journal carries them (COUNTERS records)."""
+    from test_metrics import scrape, value
+
+    cfg = config(consumers=[{"name": "work", "task": "tasks:flaky_once", "processes": 2, "retries": 1, "retry_backoff": "10ms"}])
+    run = start_run(folder, cfg, tasks=TASKS)
+    kill_coordinator_at(folder, run.process, 700)  # jobs 7, 107, ... failed once so far (their attempt 1)
+    run_id = run_id_of(folder)
+    port = free_port()
+    resumed = Command(folder, "resume", [sys.executable, "-m", "runner", "resume", run_id, "--logs", "logs",
+                                         "--set", f"metrics.listen=127.0.0.1:{port}", "--set", "metrics.linger=300s"])
+    try:
+        finished = wait_for(lambda: log_events(folder, run_id, "run.finished"), timeout=240, what="run.finished")[-1]
+        families = wait_for(lambda: (f := scrape(port)) and value(f, "runner_jobs", "runner_jobs_total", pool="work", outcome="done")
+                            == N and f, timeout=30, what="the final counts in /metrics")
+    finally:
+        resumed.kill_group()
+    # each of the 15 flaky jobs failed exactly once in all: under the first coordinator or the second
+    assert (finished["status"], finished["done"], finished["failed"], finished["retried"]) == ("finished", N, N // 100, N // 100)
+    assert value(families, "runner_job_failures", "runner_job_failures_total", pool="work", cause="error") == N // 100
+    assert value(families, "runner_job_retries", "runner_job_retries_total", pool="work") == N // 100
+    assert value(families, "runner_jobs_produced", "runner_jobs_produced_total", pool="prod") == N
+    assert_each_once(results(folder), range(N))
 
 
 def test_resume_with_a_worker_host_that_reconnects(folder: Path) -> None:

@@ -7,6 +7,7 @@ journal (`journal: false`) every method is a no-op, so the loop needs no `if`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from runner.config import Config, RunConfig
@@ -19,6 +20,9 @@ from runner.errors import UsageError
 if TYPE_CHECKING:
     from runner.coordinator.supervisor import Supervisor
 
+#: how often, at most, the job-time histograms are journaled (a resume's histogram lags by up to this)
+HISTOGRAMS_EVERY_S = 1.0
+
 
 class RunJournal:
     def __init__(self, journal: J.Journal | None, files: RunFiles) -> None:
@@ -26,6 +30,9 @@ class RunJournal:
         self.files = files
         self.positions: dict[str, int] = {}  #: producer key -> yields journaled so far
         self.next_commit = 0.0
+        self._counters: dict[str, Any] | None = None  #: the last journaled, to write them only when they change
+        self._histograms: dict[str, Any] | None = None
+        self._next_histograms = 0.0
 
     @property
     def on(self) -> bool:
@@ -85,13 +92,31 @@ class RunJournal:
             return min(timeout, max(0.0, self.next_commit - now))
         return timeout
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float, counters: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        """A commit when one is due, with the metric counters if they changed since the last one."""
         if self.journal is None:
             return
         self._check()  # the group-commit thread's write may have failed since the last tick
         if self.journal.records and now >= self.next_commit:
             self.next_commit = now + self.journal.interval
+            self.counters(*counters(), now)
             self.commit()
+
+    def counters(self, counts: dict[str, Any], histograms: dict[str, Any], now: float | None = None) -> None:
+        """The metric counters (cumulative over the run), journaled so that a resume goes on from them.
+
+        The counts (failures, retries, produced, restarts) go in every commit in which they changed, so
+        they match the settlements of the same commit exactly. The duration histograms change with every
+        job and are the bulk: at most once every HISTOGRAMS_EVERY_S (now None: the last commit, always)."""
+        if self.journal is None:
+            return
+        if counts != self._counters:
+            self._counters = counts
+            self.journal.add([J.COUNTERS, counts])
+        if histograms != self._histograms and (now is None or now >= self._next_histograms):
+            self._histograms = histograms
+            self._next_histograms = (now or 0.0) + HISTOGRAMS_EVERY_S
+            self.journal.add([J.HISTOGRAMS, histograms])
 
     def commit(self) -> None:
         if self.journal is not None:

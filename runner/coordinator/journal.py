@@ -25,6 +25,9 @@ Records (msgpack arrays, first item the kind):
   [START, pid]                                        a coordinator started (or resumed) the run
   [FINISH, status]                                    the coordinator ended the run (run.finished)
   [RERUN, [[job_id, previous_attempts], ...]]         `runner retry`: these dead jobs are unsettled again
+  [COUNTERS, {...}]                                   the metric counters so far, in a commit where they
+                                                      changed (the last one wins): a resume goes on from them
+  [HISTOGRAMS, {pool: [[bucket, n], ...]}]            the job-time histograms so far (at most once a second)
 
 While its coordinator lives, the run holds an exclusive flock on the journal: that lock, not a pid,
 answers "is this run alive" (pids are reused; containers renumber them).
@@ -54,7 +57,7 @@ from runner.logs.read import journal_locked
 
 VERSION = 1
 HEADER, COMMIT = 0, 1
-JOBS, DONE, DONE_IDS, DEAD, INVALID, ATTEMPT, END, START, FINISH, RERUN = range(10, 20)
+JOBS, DONE, DONE_IDS, DEAD, INVALID, ATTEMPT, END, START, FINISH, RERUN, COUNTERS, HISTOGRAMS = range(10, 22)
 _PREFIX = struct.Struct("<II")
 #: a frame longer than this is corruption, not data
 MAX_FRAME = 1 << 31

@@ -81,6 +81,7 @@ class Monitor:
         self.enabled = enabled  #: publish snapshots (only when metrics or the dashboard are served)
         self.failures: dict[tuple[str, str], int] = {}
         self.produced_by: dict[str, int] = {}
+        self.restarts_before: dict[str, int] = {}  #: a resumed run: restarts per pool under earlier coordinators
         self.declared: dict[str, tuple[str, int]] = {}  #: producer process -> (pool, total it declared)
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
         self.history: deque[tuple[float, dict[str, int]]] = deque(maxlen=HISTORY)
@@ -107,6 +108,43 @@ class Monitor:
         """A producer process declared how many jobs it will yield (`ctx.total(n)`)."""
         if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
             self.declared[member.key] = (member.pool, n)
+
+    # -- across a resume ---------------------------------------------------------------------
+    def counters(self, ledger: Ledger, worker_stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The metric counters that only memory holds, for the journal (done and dead it has already)."""
+        return {"stats": {pool: [s.failed, s.retried] for pool, s in ledger.stats.items()},
+                "failures": sorted([pool, cause, n] for (pool, cause), n in self.failures.items()),
+                "produced": dict(self.produced_by), "restarts": self._restarts(worker_stats)}
+
+    @staticmethod
+    def histograms(ledger: Ledger) -> dict[str, list[list[int]]]:
+        """The job-time histograms (runner_job_duration_seconds), for the journal: {pool: [[bucket, n], ...]}."""
+        return {pool: sorted([bucket, n] for bucket, n in s.hist.items()) for pool, s in ledger.stats.items()}
+
+    def restore(self, counters: dict[str, Any], histograms: dict[str, Any], ledger: Ledger) -> None:
+        """A resumed run's counters go on from the journal's last COUNTERS and HISTOGRAMS records (none:
+        from zero). One this version cannot read is skipped: counters never make a resume fail."""
+        try:
+            for pool, (failed, retried) in counters.get("stats", {}).items():
+                if pool in ledger.stats:
+                    ledger.stats[pool].failed, ledger.stats[pool].retried = int(failed), int(retried)
+            self.failures.update({(str(pool), str(cause)): int(n) for pool, cause, n in counters.get("failures", [])})
+            self.produced_by.update({str(pool): int(n) for pool, n in counters.get("produced", {}).items()})
+            self.restarts_before = {str(pool): int(n) for pool, n in counters.get("restarts", {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            pass
+        try:
+            for pool, hist in histograms.items():
+                if pool in ledger.stats:
+                    ledger.stats[pool].hist = {int(bucket): int(n) for bucket, n in hist}
+        except (TypeError, ValueError, AttributeError):
+            pass
+
+    def _restarts(self, worker_stats: dict[str, dict[str, Any]]) -> dict[str, int]:
+        restarts = dict(self.restarts_before)
+        for stats in worker_stats.values():
+            restarts[stats["pool"]] = restarts.get(stats["pool"], 0) + stats["restarts"]
+        return restarts
 
     # -- the snapshot ------------------------------------------------------------------------
     def turn(self, run: RunView, now: float, over: bool = False) -> None:
@@ -152,9 +190,7 @@ class Monitor:
         for batch in ledger.in_flight.values():
             in_flight[batch.pool] = in_flight.get(batch.pool, 0) + batch.n - batch.done
         members = run.supervisor.members()
-        restarts: dict[str, int] = {}
-        for stats in run.supervisor.worker_stats.values():
-            restarts[stats["pool"]] = restarts.get(stats["pool"], 0) + stats["restarts"]
+        restarts = self._restarts(run.supervisor.worker_stats)
         pools: dict[str, Any] = {}
         for producer in self.run_cfg.producers:
             pools[producer.name] = {"role": "producer", "produced": self.produced_by.get(producer.name, 0),

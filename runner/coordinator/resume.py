@@ -59,6 +59,8 @@ class JournalState:
     positions: dict[str, int] = field(default_factory=dict)  #: producer key -> yields journaled
     ended: dict[str, str] = field(default_factory=dict)  #: producer key -> end status
     finished: str | None = None  #: the last coordinator's end status (None: it died without one)
+    counters: dict[str, Any] = field(default_factory=dict)  #: the last COUNTERS record: metrics go on from it
+    histograms: dict[str, Any] = field(default_factory=dict)  #: the last HISTOGRAMS record
     starts: int = 0
     #: (start, end, lowest id, highest id) of each frame holding jobs: pass two reads only frames with unsettled ones
     frames: list[tuple[int, int, int, int]] = field(default_factory=list)
@@ -122,6 +124,12 @@ class JournalState:
             self.finished = None
         elif kind == J.FINISH:
             self.finished = record[1]
+        elif kind == J.COUNTERS:
+            if isinstance(record[1], dict):
+                self.counters = record[1]
+        elif kind == J.HISTOGRAMS:
+            if isinstance(record[1], dict):
+                self.histograms = record[1]
         elif kind == J.RERUN:
             for job_id, previous in record[1]:
                 self.settled[job_id] = 0

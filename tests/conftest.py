@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
+
+# A shell without job control starts a background command (`.ci/run &`, `nohup pytest &`) with SIGINT
+# ignored, and every process the tests start would inherit that: the runner rightly keeps a signal its
+# caller ignores, so the tests of what SIGINT does would fail. The tests start from a terminal's state:
+# a handler here is reset to the default at each exec, where an ignored signal would stay ignored.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition", interval: float = 0.02) -> Any:

@@ -79,3 +79,21 @@ def test_the_start_method_guess_follows_the_flags_then_the_config(tmp_path) -> N
     assert start_method_of([f"--config={tmp_path / 'a.yaml'}", "--set", "start_method=spawn"]) == "spawn"
     assert start_method_of(["--set", "start_method=forkserver"]) == "forkserver"
     assert start_method_of(["--resume"]) is None
+
+
+def test_a_resume_guesses_the_start_method_from_the_journal_header(tmp_path) -> None:
+    """`runner resume|retry RUN_ID`: the forkserver starts first when the journaled config uses it."""
+    from runner.cli.early import journaled_start_method
+    from runner.coordinator import journal as J
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for run_id, config in (("f-1", {"name": "f", "start_method": "fork"}), ("d-1", {"name": "d"})):
+        journal = J.Journal(J.journal_path(logs, run_id), "never", [J.HEADER, J.VERSION, run_id, config["name"], config, "h", "x.yaml", "."])
+        journal.close()
+    assert journaled_start_method(["f-1", "--logs", str(logs)]) == "fork"
+    assert journaled_start_method([f"--logs={logs}", "d-1"]) == "forkserver"
+    assert journaled_start_method(["--set", "start_method=spawn", "d-1", "--logs", str(logs)]) == "spawn"
+    assert journaled_start_method(["--insecure", "--bind", "tcp://127.0.0.1:1", "f-1", "--logs", str(logs)]) == "fork"
+    assert journaled_start_method(["--last", "f", "--logs", str(logs)]) is None  # no RUN_ID: no guess
+    assert journaled_start_method(["nope-1", "--logs", str(logs)]) is None  # no journal (a `journal: false` retry)

@@ -1,7 +1,7 @@
 """The `runner` command line: main.py (start, check, worker, status, stop, keys) and logs.py (runs, logs).
 
 `runner.cli.main` runs the command line: the console script enters through runner/__main__.py, which holds
-signals during these imports first; then, for `runner start`, the forkserver starts before the CLI loads
+signals during these imports first; then, for `runner start`, `resume` and `retry`, the forkserver starts before the CLI loads
 (early.py). `runner.cli.app` is the typer application, loaded on first use."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def main() -> None:
 
     start.MAIN_IS_CLI = True
 
-    if sys.argv[1:2] == ["start"]:
+    if sys.argv[1:2] in (["start"], ["resume"], ["retry"]):
         # as `start` itself does, from here on: a Ctrl-C (the whole group's, the forkserver's too) or a
         # SIGTERM before the coordinator's handlers exist waits for them, never a KeyboardInterrupt traceback
         import signal

@@ -272,7 +272,7 @@ def test_retry_without_journal_refuses_a_run_that_did_not_finish(folder: Path) -
     logs = folder / "logs"
     logs.mkdir()
     run_id = "nj-20261201T000000Z-abcdef"
-    (logs / f"{run_id}.jsonl").write_text(json.dumps({"event": "run.started", "config": "run.yaml", "run_id": run_id}) + "\n")
+    (logs / f"{run_id}.jsonl").write_text(json.dumps({"timestamp": "2026-12-01T00:00:00.000Z", "level": "info", "event": "run.started", "config": "run.yaml", "run_id": run_id}) + "\n")
     refused = cli("retry", run_id, "--logs", "logs", cwd=folder)
     assert refused.returncode == 2, refused.stderr
     assert "did not finish" in refused.stderr and "journal: false" in refused.stderr and "Traceback" not in refused.stderr

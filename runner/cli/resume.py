@@ -16,6 +16,7 @@ from runner.config import Config, config_from_data, load_config
 from runner.coordinator import journal as J
 from runner.coordinator.resume import DeadFileState, JournalState, load
 from runner.errors import UsageError
+from runner.logs.runs import first_line, tail_lines
 
 #: the statuses of a run whose coordinator ended it for good (`stopped` and `crashed` runs resume)
 FINISHED = ("finished", "failed")
@@ -151,21 +152,16 @@ def _dead_lines(path: Path) -> dict[int, dict[str, Any]]:
 def _without_journal(run_id: str, logs_dir: Path) -> DeadFileState:
     """A `journal: false` run, for `runner retry`: its config read again from the file its log names, its
     dead jobs (payloads included) from its dead file, its counts from its last `run.finished`."""
-    start: dict[str, Any] | None = None
+    log = logs_dir / f"{run_id}.jsonl"
+    start = first_line(log)
     finished: dict[str, Any] | None = None
-    with open(logs_dir / f"{run_id}.jsonl", "rb") as log:
-        for raw in log:
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                continue  # a torn or damaged line: `runner logs` reports those
-            if not isinstance(event, dict):
-                continue
-            if event.get("event") in ("run.started", "run.resumed"):
-                start, finished = event, None
-            elif event.get("event") == "run.finished":
-                finished = event
-    if start is None:
+    for fields in tail_lines(log):  # backwards: a run.finished before any (re)start means it finished
+        if fields.get("event") == "run.finished":
+            finished = fields
+            break
+        if fields.get("event") in ("run.resumed", "run.started"):
+            break
+    if start is None or start.get("event") != "run.started":
         raise UsageError(f"run {run_id}: its log {logs_dir / f'{run_id}.jsonl'} has no run.started: nothing to retry")
     if finished is None or finished.get("status") not in FINISHED:
         how = "did not finish (its coordinator died, or it still runs)" if finished is None else f"was {finished.get('status')}"

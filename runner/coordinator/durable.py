@@ -92,31 +92,34 @@ class RunJournal:
             return min(timeout, max(0.0, self.next_commit - now))
         return timeout
 
-    def tick(self, now: float, counters: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    def tick(self, now: float, counts: Callable[[], dict[str, Any]], histograms: Callable[[], dict[str, Any]]) -> None:
         """A commit when one is due, with the metric counters if they changed since the last one."""
         if self.journal is None:
             return
         self._check()  # the group-commit thread's write may have failed since the last tick
         if self.journal.records and now >= self.next_commit:
             self.next_commit = now + self.journal.interval
-            self.counters(*counters(), now)
+            self.counters(counts(), histograms, now)
             self.commit()
 
-    def counters(self, counts: dict[str, Any], histograms: dict[str, Any], now: float | None = None) -> None:
+    def counters(self, counts: dict[str, Any], histograms: Callable[[], dict[str, Any]], now: float | None = None) -> None:
         """The metric counters (cumulative over the run), journaled so that a resume goes on from them.
 
         The counts (failures, retries, produced, restarts) go in every commit in which they changed, so
         they match the settlements of the same commit exactly. The duration histograms change with every
-        job and are the bulk: at most once every HISTOGRAMS_EVERY_S (now None: the last commit, always)."""
+        job and are the bulk: made and compared at most once every HISTOGRAMS_EVERY_S (now None: the last
+        commit, always)."""
         if self.journal is None:
             return
         if counts != self._counters:
             self._counters = counts
             self.journal.add([J.COUNTERS, counts])
-        if histograms != self._histograms and (now is None or now >= self._next_histograms):
-            self._histograms = histograms
+        if now is None or now >= self._next_histograms:
             self._next_histograms = (now or 0.0) + HISTOGRAMS_EVERY_S
-            self.journal.add([J.HISTOGRAMS, histograms])
+            made = histograms()
+            if made != self._histograms:
+                self._histograms = made
+                self.journal.add([J.HISTOGRAMS, made])
 
     def commit(self) -> None:
         if self.journal is not None:

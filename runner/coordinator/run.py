@@ -418,7 +418,7 @@ class Coordinator:
             self._log_progress(now)
         if self.display.due(now):
             self.display.update(self.snapshot())
-        self.durable.tick(now, self._counters)
+        self.durable.tick(now, self._counts, self._histograms)
         self.monitor.turn(self, now)
         self.notifier.watchdog(now)
 
@@ -629,8 +629,11 @@ class Coordinator:
         return {"name": self.run_cfg.name, "counts": report.counts(self.ledger), "elapsed_s": now - self.started,
                 "full": [pool for pool, at in self.flow.last_full.items() if now - at < 5.0]}
 
-    def _counters(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return self.monitor.counters(self.ledger, self.supervisor.worker_stats), self.monitor.histograms(self.ledger)
+    def _counts(self) -> dict[str, Any]:
+        return self.monitor.counters(self.ledger, self.supervisor.worker_stats)
+
+    def _histograms(self) -> dict[str, Any]:
+        return self.monitor.histograms(self.ledger)
 
     def _log_progress(self, now: float) -> None:
         self.files.flush()  # a live run's results can be read as it goes, a tick behind at most
@@ -649,7 +652,7 @@ class Coordinator:
         """The journal's last commit. If it broke during the run, the crash said so already; if only this
         last commit fails, the run's results and log are complete: say what a resume would do."""
         try:
-            self.durable.counters(*self._counters())
+            self.durable.counters(self._counts(), self._histograms)
             self.durable.finish(status)
         except JournalError as exc:
             if self.crash is None:

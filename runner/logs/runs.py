@@ -59,7 +59,7 @@ def find_runs(logs_dir: Path) -> list[Path]:
     return sorted((p for p in logs_dir.iterdir() if p.is_file() and is_run_log(p)), key=_sort_key, reverse=True)
 
 
-def _first_line(path: Path) -> dict[str, Any] | None:
+def first_line(path: Path) -> dict[str, Any] | None:
     with path.open("rb") as handle:
         raw = handle.readline(1 << 20)
     line = parse_line(raw, str(path), 1, Damage())
@@ -92,7 +92,7 @@ def tail_lines(path: Path, max_bytes: int = 1 << 20, chunk: int = 1 << 16) -> It
 def run_info(path: Path, now: float | None = None) -> RunInfo:
     """A run's status and figures from `run.started` (first line) and `run.finished` or the last `progress` (tail)."""
     info = RunInfo(run_id=path.name.removesuffix(LOG_SUFFIX), path=path)
-    started = _first_line(path)
+    started = first_line(path)
     if started is not None and started.get("event") == "run.started":
         info.name, info.started = started.get("name"), started.get("timestamp")
         info.host, info.pid = started.get("host"), started.get("coordinator_pid") or started.get("pid")

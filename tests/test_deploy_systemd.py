@@ -298,10 +298,13 @@ def results_file(machine: Machine) -> Path:
 
 
 def test_units_run_a_config_to_the_end(operator: Operator) -> None:
-    """`systemctl start runner-coordinator` and `enable --now runner-worker@a`, `@b`: the run ends by
+    """`enable --now runner-worker@a`, `@b` and `systemctl start runner-coordinator`: the run ends by
     itself with exit 0, every bun eaten once, both workers worked; journal and logs as the README says.
     The coordinator runs no eater itself (processes=0), so the run waits for the workers however slow
-    the machine is, and at least 15 s of baking (pause 0.2) lets both of them join while there is work."""
+    the machine is. The workers start first (--serve: they wait for the run), so both join within a
+    reconnect interval of the coordinator's bind, well inside its 15 s of baking (pause 0.2). Started
+    after it, one at a time (`systemctl start` waits for each READY=1), worker b missed the baking on a
+    loaded machine and the test failed."""
     machine = operator.machine
     buns = 150
     ADJUST["coordinator.env"] = {"RUNNER_START_ARGS": f"--set producers.baker.params.buns={buns} "
@@ -309,10 +312,10 @@ def test_units_run_a_config_to_the_end(operator: Operator) -> None:
     for name in WORKERS:
         ADJUST[f"worker-{name}.env"] = {"RUNNER_PROCESSES": "2"}
     before = len(jsonl(results_file(machine)))
+    start_workers(operator)
     operator.run_block("3. Start the coordinator", "hosta")
     props = machine.show("runner-coordinator")
     assert props["ActiveState"] == "active" and props["Type"] == unit_file("runner-coordinator").need("Type"), props
-    start_workers(operator)
 
     props = wait_unit(machine, "runner-coordinator", ("inactive", "failed"), 180)
     assert machine.main_exit("runner-coordinator") == ("exited", 0), f"{props}\n{machine.journal('runner-coordinator')[-3000:]}"

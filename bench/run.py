@@ -264,9 +264,9 @@ class Bench:
         n, slow = a.jobs, a.slow_jobs
         say(f"trivial: {fmt_n(n)} jobs ({fmt_n(slow)} for the slow systems), {a.repeat} round(s)")
 
-        def runner_sample(config: dict[str, Any], jobs: int, zmq: bool = False) -> Callable[[], Sample]:
+        def runner_sample(config: dict[str, Any], jobs: int, zmq: bool = False, results: bool = False) -> Callable[[], Sample]:
             def go() -> Sample:
-                r = self.runner(config, jobs, zmq)
+                r = self.runner(config, jobs, zmq, results=results)
                 journals = list((r.folder / "logs").glob("*.journal"))
                 extra = {"wall_rate": r.wall_rate, "remote_share": r.remote_done / r.done if r.done else 0.0,
                          "journal_bytes_per_job": journals[0].stat().st_size / r.done if journals and r.done else None,
@@ -286,6 +286,8 @@ class Bench:
             (Series("runner", "runner local, default config (journal on)", n), runner_sample(self.trivial_config(n), n)),
             (Series("runner_nojournal", "runner local, default config, journal off", n),
              runner_sample(self.trivial_config(n, journal=False), n)),
+            (Series("runner_results", "runner local, default config + a results file", n),
+             runner_sample(self.trivial_config(n), n, results=True)),
             (Series("runner_zmq", "runner + 1 worker over ZeroMQ, default config (run keys)", n),
              runner_sample(self.trivial_config(n), n, zmq=True)),
             (Series("runner_tuned", f"runner local, tuned (maxsize {a.maxsize}, {a.start_method})", n),

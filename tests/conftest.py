@@ -141,6 +141,12 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def marks(folder: Path, pattern: str) -> list[Path]:
+    """The files `mark` (in TASK_HELPERS) has finished matching `pattern`: not its `.tmp<pid>` files, which
+    a glob can list just before they are renamed away."""
+    return [p for p in folder.glob(pattern) if ".tmp" not in p.name]
+
+
 #: Helpers for task modules written by tests (prepend to a `tasks=` text): files are how a test and
 #: the job processes synchronise; every wait inside a task has its own deadline.
 TASK_HELPERS = '''

@@ -21,6 +21,7 @@ from conftest import (
     assert_each_once,
     basic_config,
     free_port,
+    marks,
     read_jsonl,
     run_config,
     runner_cli,
@@ -363,7 +364,7 @@ def test_crash_during_a_stop_exits_3_not_143(folder: Path) -> None:
         config["results"] = "full/results.jsonl"
         config["shutdown"] = {"grace": "10s"}
         run = start_run(folder, config, tasks=TASKS)
-        wait_for(lambda: len(list(folder.glob("running-*"))) == 2, 30, "two jobs in hand")
+        wait_for(lambda: len(marks(folder, "running-*")) == 2, 30, "two jobs in hand")
         run.process.send_signal(signal.SIGTERM)
         wait_for(lambda: [e for e in _log_lines(folder) if e["event"] == "run.stopping"], 30, "run.stopping")
         (folder / "go").write_text("")

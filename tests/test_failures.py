@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TASK_HELPERS, assert_each_once, basic_config, run_config, start_run, wait_for
+from conftest import TASK_HELPERS, assert_each_once, basic_config, marks, run_config, start_run, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -258,7 +258,7 @@ def test_lock_holder_dies_next_waiter_proceeds(tmp_path: Path) -> None:
         wait_for(lambda: (tmp_path / "holder.ready").exists(), what="a job to hold the lock")
         holder = int((tmp_path / "holder.pid").read_text())
         # another job is on its way to the lock (its request may be queued or just about to be)
-        wait_for(lambda: [p for p in tmp_path.glob("waiting-*") if p.read_text() != str(holder)], what="another process going for the lock")
+        wait_for(lambda: [p for p in marks(tmp_path, "waiting-*") if p.read_text() != str(holder)], what="another process going for the lock")
         os.kill(holder, signal.SIGKILL)
         assert run.wait(45) == 0, run.stderr[-3000:]
     finally:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import CONFIGS, TASK_HELPERS, Run, assert_each_once, basic_config, live_events, start_run, wait_for
+from conftest import CONFIGS, TASK_HELPERS, Run, assert_each_once, basic_config, live_events, marks, start_run, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,7 +63,7 @@ def gated_config(name: str, grace: str = "10s", retries: int = 0, start_method: 
 
 
 def started(folder: Path) -> list[Path]:
-    return [p for p in folder.glob("started-*") if not p.name.count(".tmp")]
+    return marks(folder, "started-*")
 
 
 def running(folder: Path, jobs: int = 2) -> bool:

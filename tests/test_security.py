@@ -69,6 +69,29 @@ def test_control_folder_must_be_private(tmp_path: Path) -> None:
         assert "belongs to another user (uid 12345)" in stderr, stderr
 
 
+def test_finding_run_keys_skips_a_run_removing_its_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that ends removes its keys, then its control socket: a `--serve` worker looking for the next run in
+    between must not take it for a run (it crashed on the missing key file once)."""
+    from runner.errors import UsageError
+    from runner.wire import zeromq as wire
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    address_ = "tcp://127.0.0.1:5999"
+    for run_id in ("older-1", "newer-2"):
+        wire.make_run_keys(run_id, address_)
+        (wire.control_dir() / f"{run_id}.ctl").touch()
+    newer, older = wire.run_keys_folder("newer-2"), wire.run_keys_folder("older-1")
+    os.utime(older, (1, 1))
+    assert wire.find_run_keys(address_).public == wire.WorkerKeys(newer).public
+    (newer / "worker.key_secret").unlink()  # newer-2 is half way through removing its keys
+    assert wire.find_run_keys(address_).public == wire.WorkerKeys(older).public
+    (older / "worker.key_secret").unlink()
+    assert wire.find_run_keys(address_) is None
+    (older / "worker.key_secret").write_text("not a key")  # there, but broken: an error that says which file
+    with pytest.raises(UsageError, match="worker.key_secret"):
+        wire.find_run_keys(address_)
+
+
 def test_worker_names_are_checked(tmp_path: Path) -> None:
     for bad in ("bad name", "a" * 65, "../etc", ""):
         result = runner_cli("worker", "--connect", "tcp://127.0.0.1:1", "--name", bad, "--give-up", "1", cwd=tmp_path)

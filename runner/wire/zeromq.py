@@ -184,7 +184,14 @@ def find_run_keys(address: str, run: str | None = None) -> WorkerKeys | None:
             wanted = run is None or run_id == run or run_id.startswith(f"{run}-")
             found.append((wanted, keys.stat().st_mtime, keys))
     # the run asked for first; else whichever run listens there, which will say which run it is (REFUSE)
-    return WorkerKeys(max(found)[2]) if found else None
+    for *_, keys in sorted(found, reverse=True):
+        try:
+            return WorkerKeys(keys)
+        except UsageError:
+            if all((keys / name).exists() for name in ("worker.key_secret", "coordinator.key")):
+                raise  # the files are there but are not keys: say so
+            # a run that is ending removes its keys before its control socket: not a run to join
+    return None
 
 
 def is_loopback(address: str) -> bool:

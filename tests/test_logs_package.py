@@ -25,6 +25,19 @@ def test_writing_does_not_import_the_readers() -> None:
     assert out.strip() == "[]"
 
 
+def test_commands_that_read_no_config_load_neither_pydantic_models_nor_structlog() -> None:
+    """`runner status`, `runner logs`, `runner worker` start in about a second less without the config's models
+    (runner.config) and structlog (loaded by runner.logs.configure, and preloaded by the forkserver), and the
+    log commands' readers load with the command that uses them."""
+    code = ("import sys, runner.cli.main; "
+            "print(sorted(m for m in ('structlog', 'runner.config', 'runner.logs.summary', 'runner.logs.trace', "
+            "'runner.logs.timeline', 'runner.coordinator.run') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    preload = "import sys, runner.process.loop; print('structlog' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", preload], capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+
 def test_dumps_writes_what_json_wrote() -> None:
     """runner.logs.dumps (orjson, json for what orjson refuses) writes a results or log line as json.dumps
     did, but for the documented differences: NaN and infinities as null, a UUID as its string."""

@@ -22,12 +22,11 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from runner.logs.read import Damage, LineFilter, checked, parse_when, read_lines
+from runner.logs.read import Damage
 from runner.logs.runs import LogSourceError, elapsed_text, find_runs, resolve_sources, run_info
-from runner.logs.summary import Summary, sparkline
-from runner.logs.timeline import write_timeline
-from runner.logs.trace import job_prefilter, trace
-from runner.logs.writer import human
+
+# the readers each command needs are imported in it: every `runner` command registers these commands, and
+# `runner start` or `runner status` should not load summary, trace and timeline code on each start
 
 DEFAULT_COMMAND = "show"
 
@@ -165,6 +164,8 @@ def show(
     logs_dir: Path = LogsDirOption,
 ) -> None:
     """Print log lines (the default: `runner logs RUN_ID ...` means `runner logs show RUN_ID ...`). Filters combine."""
+    from runner.logs.read import LineFilter, parse_when
+
     try:
         line_filter = LineFilter(
             level=level, event=event or (), pool=pool or (), worker=worker or (), host=host or (), job=job or (),
@@ -183,6 +184,8 @@ def show(
 
 
 def _print_lines(lines: Any, as_json: bool, flush: bool) -> None:
+    from runner.logs.writer import human
+
     write = sys.stdout.write
     if as_json:
         for line in lines:
@@ -210,6 +213,9 @@ def trace_command(
     as_json: bool = JsonOption,
 ) -> None:
     """The life of one job: produced by, each attempt (worker, host, duration, error), retries, done or dead."""
+    from runner.logs.read import checked, read_lines
+    from runner.logs.trace import job_prefilter, trace
+
     damage = Damage()
     with _reading(damage):
         paths = resolve_sources(sources or [], logs_dir)
@@ -249,6 +255,9 @@ def summary_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Per pool, worker and host: done / failed / retried / dead, job time p50/p95/p99, throughput, crashes, top errors."""
+    from runner.logs.read import checked, read_lines
+    from runner.logs.summary import Summary
+
     damage = Damage()
     with _reading(damage):
         paths = resolve_sources(sources or [], logs_dir)
@@ -260,6 +269,8 @@ def summary_command(
 
 
 def _render_summary(console: Console, data: dict[str, Any]) -> None:
+    from runner.logs.summary import sparkline
+
     for run_id, run in data["runs"].items():
         status = run.get("status") or "no run.finished"
         console.print(f"run {run_id} ({run.get('name') or '?'}): {status}, "
@@ -311,6 +322,9 @@ def timeline_command(
     logs_dir: Path = LogsDirOption,
 ) -> None:
     """Write the run as Chrome trace-event JSON: a track per worker process, a slice per job attempt (Perfetto, chrome://tracing)."""
+    from runner.logs.read import read_lines
+    from runner.logs.timeline import write_timeline
+
     damage = Damage()
     with _reading(damage):
         paths = resolve_sources(sources or [], logs_dir)

@@ -11,16 +11,18 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 
 from runner import __version__, early
-from runner.config import Config, load_config, with_listen
 from runner.console import QuietConsole, guard
 from runner.errors import ExitCode, RunnerError, UsageError
 from runner.process.context import import_task
+
+if TYPE_CHECKING:  # pydantic and the config's models load with the commands that read a config
+    from runner.config import Config
 
 app = typer.Typer(
     name="runner",
@@ -104,6 +106,8 @@ def start(
     # A signal before the coordinator's handlers exist waits for them (Coordinator.run unblocks).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
+        from runner.config import load_config, with_listen
+
         cfg = with_listen(load_config(config, set_), metrics, dashboard)
         state = None
         if resume:
@@ -214,6 +218,8 @@ def retry(
 @app.command()
 def check(config: Path = ConfigOption, set_: Optional[list[str]] = SetOption) -> None:
     """Validate a config, import every task and print the plan. Exit 2 on any problem."""
+    from runner.config import load_config
+
     try:
         cfg = load_config(config, set_)
         _import_tasks(cfg)

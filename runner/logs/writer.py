@@ -13,15 +13,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
-import structlog
 from rich.console import Console
 from rich.text import Text
 
 from runner import console as consoles
 from runner.logs.contract import CONTEXT_KEYS, HOST, LEVELS
+
+if TYPE_CHECKING:
+    import structlog
 
 
 def iso_now(now: float | None = None) -> str:
@@ -46,7 +48,11 @@ def ordered(event_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def configure(level: str, sink: Callable[[dict[str, Any]], None], **context: Any) -> structlog.typing.FilteringBoundLogger:
-    """Configure structlog in this process; every event ends in `sink` as an ordered dict."""
+    """Configure structlog in this process; every event ends in `sink` as an ordered dict.
+
+    structlog is imported here, not with the module: reading logs (`runner logs`, `runner runs`) never
+    needs it, and it is a third of such a command's start-up. Processes get it preloaded (process/loop.py)."""
+    import structlog
 
     def deliver(_: Any, __: str, event_dict: dict[str, Any]) -> Any:
         sink(ordered(event_dict))

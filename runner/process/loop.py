@@ -9,6 +9,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+import structlog  # noqa: F401  # every process configures it (runner.logs.configure): loaded once, in the forkserver
+
 from runner.process.base import clip
 from runner.process.consumer import ConsumerLoop
 from runner.process.producer import ProducerLoop

@@ -5,7 +5,10 @@ Three rounds, interleaved so that a slow spell of the machine hits each alike:
   served     --metrics and --dashboard on one port, nobody looking
   watched    the same, with a headless Chromium polling the dashboard page (selenium) and a /metrics scrape every second
 
-jobs/s = done / run.finished.duration_s. Usage: python bench/bench_dashboard.py [--jobs 2000000] [--rounds 3]
+jobs/s = done / run.finished.duration_s. Coordinator CPU µs/job: the `runner start` process's own CPU (its
+HTTP thread included; the browser, the producer and the consumers left out) from its first child to its
+exit, sampled from /proc every 50 ms (driver.ProcSampler), per job: what the dashboard costs the
+coordinator itself, apart from what the browser takes from the same 2 cores. Usage: python bench/bench_dashboard.py [--jobs 2000000] [--rounds 3]
 (needs Debian's chromium and chromium-driver, and selenium from the test extra).
 """
 
@@ -25,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from driver import ProcSampler  # noqa: E402
 
 
 def free_port() -> int:
@@ -45,11 +51,14 @@ def browser() -> Any:
     return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
 
 
-def one_run(folder: Path, jobs: int, mode: str, driver: Any) -> float:
+def one_run(folder: Path, jobs: int, mode: str, driver: Any) -> tuple[float, float]:
+    """(jobs/s, coordinator CPU µs per job) of one run."""
     port = free_port()
     args = [] if mode == "off" else ["--metrics", f"127.0.0.1:{port}", "--dashboard", f"127.0.0.1:{port}"]
     proc = subprocess.Popen([sys.executable, "-m", "runner", "start", "--config", "run.yaml", "--set", f"producers.prod.params.n={jobs}", *args],
                             cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sampler = ProcSampler({proc.pid: "coordinator"})
+    sampler.start()
     stop = threading.Event()
     if mode == "watched":
         assert proc.stdout is not None
@@ -66,9 +75,10 @@ def one_run(folder: Path, jobs: int, mode: str, driver: Any) -> float:
         threading.Thread(target=scrape, daemon=True).start()
     proc.communicate(timeout=600)
     stop.set()
+    sampler.join(5)
     log = max((folder / "logs").glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
     finished = [json.loads(line) for line in log.read_text().splitlines() if '"run.finished"' in line][0]
-    return finished["done"] / finished["duration_s"]
+    return finished["done"] / finished["duration_s"], sampler.by_name()["coordinator"] / finished["done"] * 1e6
 
 
 def main() -> None:
@@ -84,20 +94,24 @@ def main() -> None:
         "consumers: [{name: work, task: 'bench_tasks:nothing', processes: 2}]\n")
     driver = browser()
     rates: dict[str, list[float]] = {"off": [], "served": [], "watched": []}
+    cpus: dict[str, list[float]] = {mode: [] for mode in rates}
     try:
         for _ in range(opts.rounds):
             for mode in rates:
-                rates[mode].append(one_run(folder, opts.jobs, mode, driver))
-                print(f"{mode}: {rates[mode][-1]:,.0f} jobs/s", file=sys.stderr, flush=True)
+                rate, cpu = one_run(folder, opts.jobs, mode, driver)
+                rates[mode].append(rate)
+                cpus[mode].append(cpu)
+                print(f"{mode}: {rate:,.0f} jobs/s, coordinator {cpu:.2f} µs/job", file=sys.stderr, flush=True)
     finally:
         driver.quit()
-    base = statistics.median(rates["off"])
+    base, cpu_base = statistics.median(rates["off"]), statistics.median(cpus["off"])
     print(f"{opts.jobs:,} trivial jobs, 1 producer, 2 consumers, median of {opts.rounds}")
-    print("| mode | jobs/s (median) | range | vs off |")
-    print("|---|---:|---:|---:|")
+    print("| mode | jobs/s (median) | range | vs off | coordinator CPU µs/job (median) | range | vs off |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for mode, values in rates.items():
-        median = statistics.median(values)
-        print(f"| {mode} | {median:,.0f} | {min(values):,.0f} – {max(values):,.0f} | {median / base - 1:+.1%} |")
+        median, cpu = statistics.median(values), statistics.median(cpus[mode])
+        print(f"| {mode} | {median:,.0f} | {min(values):,.0f} – {max(values):,.0f} | {median / base - 1:+.1%} "
+              f"| {cpu:.2f} | {min(cpus[mode]):.2f} – {max(cpus[mode]):.2f} | {cpu / cpu_base - 1:+.1%} |")
 
 
 if __name__ == "__main__":

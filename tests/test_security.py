@@ -70,8 +70,8 @@ def test_control_folder_must_be_private(tmp_path: Path) -> None:
 
 
 def test_finding_run_keys_skips_a_run_removing_its_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run that ends removes its keys, then its control socket: a `--serve` worker looking for the next run in
-    between must not take it for a run (it crashed on the missing key file once)."""
+    """A run can end between a `--serve` worker seeing its control socket and loading its keys (the run closes
+    the socket, then removes the keys): that run is skipped, not a crash (it crashed on the missing key file once)."""
     from runner.errors import UsageError
     from runner.wire import zeromq as wire
 

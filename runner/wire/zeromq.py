@@ -190,7 +190,8 @@ def find_run_keys(address: str, run: str | None = None) -> WorkerKeys | None:
         except UsageError:
             if all((keys / name).exists() for name in ("worker.key_secret", "coordinator.key")):
                 raise  # the files are there but are not keys: say so
-            # a run that is ending removes its keys before its control socket: not a run to join
+            # a run that ended between the look at its control socket above and this load (it closes that
+            # socket, then removes its keys): not a run to join
     return None
 
 

@@ -250,3 +250,42 @@ def test_host_parser_raises_only_protocol_error(kind: int, data: Any) -> None:
             wire.parse(candidate)
         except ProtocolError:
             pass
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(st.binary(max_size=150_000), max_size=12), cuts=st.lists(st.integers(1, 200_000), max_size=30))
+def test_frames_cross_a_real_pipe_whole_and_in_order(frames: list[bytes], cuts: list[int]) -> None:
+    """A process's frames, written in pieces of any size (a partial write, a torn read), come out of the
+    coordinator's reader whole and in order, however the reads fall (each read fills a buffer kept for it)."""
+    import multiprocessing
+    import os
+    import select
+    import threading
+
+    from runner.wire.pipe import FrameReader
+
+    receive, send = multiprocessing.Pipe(duplex=False)
+    stream = b"".join(len(frame).to_bytes(4, "big") + frame for frame in frames)
+    pieces, start = [], 0
+    for cut in [*cuts, len(stream)]:
+        pieces.append(stream[start:start + cut])
+        start += cut
+    fd = send.fileno()
+
+    def write() -> None:
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view):]
+        send.close()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    reader = FrameReader(receive)
+    got: list[bytes] = []
+    while not reader.eof:
+        select.select([reader.fd], [], [], 10)
+        got.extend(reader.read())
+    writer.join(10)
+    reader.close()
+    assert got == frames

@@ -91,6 +91,19 @@ def dumps(line: dict[str, Any]) -> str:
         return json.dumps(line, ensure_ascii=False, default=_json_default, separators=(",", ":"))
 
 
+def dumps_line(line: dict[str, Any]) -> bytes:
+    """dumps() as UTF-8 bytes with its newline, for a file opened in binary: the results file's lines go
+    from orjson to the file as they are (no decode to str and encode back per line)."""
+    try:
+        return orjson.dumps(line, default=_json_default, option=_ORJSON_OPTIONS | orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # orjson.JSONEncodeError: as dumps()
+        text = json.dumps(line, ensure_ascii=False, default=_json_default, separators=(",", ":")) + "\n"
+        try:
+            return text.encode()
+        except UnicodeEncodeError:  # a lone surrogate: escaped, so the line is still JSON and still UTF-8
+            return (json.dumps(line, default=_json_default, separators=(",", ":")) + "\n").encode()
+
+
 _LEVEL_STYLE = {"debug": "dim", "info": "cyan", "warning": "yellow", "error": "bold red", "critical": "bold red"}
 
 

@@ -51,7 +51,8 @@ def chatty(ctx, job):
 
 def logs_object(ctx, job):
     ctx.log.info("x", value=object(), nested={"s": {1, 2}, (1, 2): b"raw"}, big=1 << 70)
-    return result(ctx, job)
+    ctx.log.info("keyed", value={b"k": 1})  # msgpack carries a bytes key; JSON cannot: the coordinator's repr
+    return {**result(ctx, job), b"k": [1]}  # the same in a result line
 
 
 def huge_result(ctx, job):
@@ -182,6 +183,9 @@ def test_log_call_with_unencodable_values_never_fails_the_job(folder: Path) -> N
     assert len(lines) == 20
     assert lines[0]["value"].startswith("<object object at") and lines[0]["big"] == repr(1 << 70)
     assert lines[0]["nested"]["(1, 2)"] == {"$bytes": b"raw".hex()} and lines[0]["nested"]["s"] == "{1, 2}"
+    # neither orjson nor json writes a bytes map key: it used to take the whole run down (exit 3)
+    assert [line["value"] for line in run.events("keyed")] == [{"b'k'": 1}] * 20
+    assert all(r["result"]["b'k'"] == [1] for r in run.results())
 
 
 # -- case 9: files that cannot be written ------------------------------------------------------------

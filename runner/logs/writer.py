@@ -88,7 +88,7 @@ def dumps(line: dict[str, Any]) -> str:
     try:
         return orjson.dumps(line, default=_json_default, option=_ORJSON_OPTIONS).decode()
     except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(line, ensure_ascii=False, default=_json_default, separators=(",", ":"))
+        return _json_text(line, ensure_ascii=False)
 
 
 def dumps_line(line: dict[str, Any]) -> bytes:
@@ -97,11 +97,32 @@ def dumps_line(line: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(line, default=_json_default, option=_ORJSON_OPTIONS | orjson.OPT_APPEND_NEWLINE)
     except TypeError:  # orjson.JSONEncodeError: as dumps()
-        text = json.dumps(line, ensure_ascii=False, default=_json_default, separators=(",", ":")) + "\n"
         try:
-            return text.encode()
+            return (_json_text(line, ensure_ascii=False) + "\n").encode()
         except UnicodeEncodeError:  # a lone surrogate: escaped, so the line is still JSON and still UTF-8
-            return (json.dumps(line, default=_json_default, separators=(",", ":")) + "\n").encode()
+            return (_json_text(line, ensure_ascii=True) + "\n").encode()
+
+
+def _json_text(line: dict[str, Any], ensure_ascii: bool) -> str:
+    """What orjson refused, through json; what json refuses too (a bytes or tuple key, which a msgpack map
+    from a task may hold) with such keys as their repr: a line is always written, never raised."""
+    try:
+        return json.dumps(line, ensure_ascii=ensure_ascii, default=_json_default, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps(_jsonable(line), ensure_ascii=ensure_ascii, default=_json_default, separators=(",", ":"))
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """`value` with every map key JSON can hold (str, int, float, bool, None) kept and the others as their
+    repr; nesting beyond 64 levels as repr."""
+    if isinstance(value, dict):
+        if depth >= 64:
+            return repr(value)
+        return {key if key is None or isinstance(key, (str, int, float, bool)) else repr(key): _jsonable(item, depth + 1)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return repr(value) if depth >= 64 else [_jsonable(item, depth + 1) for item in value]
+    return value
 
 
 _LEVEL_STYLE = {"debug": "dim", "info": "cyan", "warning": "yellow", "error": "bold red", "critical": "bold red"}

@@ -140,6 +140,43 @@ def consume(ctx, job):
     assert len({r["job_id"] for r in results}) == 20
 
 
+def test_reports_that_count_a_job_twice_or_drop_its_result_are_refused(tmp_path: Path) -> None:
+    """A REPORT must give each job of its range exactly one result or failure. Forged from a local process:
+    a job failed twice (it was retried twice), and a job done without its result line with a results file
+    (it was counted done, its line missing). Each is a protocol error: the sender is killed, the job reruns."""
+    tasks = '''
+import time
+
+
+def produce(ctx, n=20):
+    for i in range(n):
+        yield {"i": i}
+
+
+def consume(ctx, job):
+    loop = ctx._services
+    if job["i"] in (5, 7) and ctx.attempt == 1:
+        if job["i"] == 5:  # REPORT: batch, done, results, failures, emits, hist
+            loop.send([5, loop.batch_id, 1, [], [[0, "a", None, None], [0, "b", None, None]], [], {}])
+        else:
+            loop.send([5, loop.batch_id, 1, [], [], [], {}])
+        time.sleep(60)  # killed for it while this job runs
+    return {"i": job["i"]}
+'''
+    cfg = {"name": "twice", "producers": [{"name": "prod", "task": "tasks:produce", "params": {"n": 20}}],
+           "consumers": [{"name": "work", "task": "tasks:consume", "processes": 2, "retries": 2, "retry_backoff": "10ms"}],
+           "results": "results.jsonl", "logs": {"dir": "logs"}, "start_method": "fork", "queue": {"batch": 1}}
+    run = run_config(tmp_path, cfg, tasks=tasks, timeout=90)
+    assert run.process.returncode == 0, run.stderr[-2000:]
+    errors = sorted(e["error"] for e in run.events("protocol.error"))
+    assert len(errors) == 2 and all("exactly one result or failure" in e for e in errors), errors
+    assert not [e for e in run.events("job.failed") if e.get("error") in ("a", "b")], "a forged failure was taken"
+    assert len(run.events("job.retried")) == 2 and not run.events("job.dead")  # once each: the kill, not the forgery
+    results = run.results()
+    assert sorted(r["result"]["i"] for r in results) == list(range(20))
+    assert len({r["job_id"] for r in results}) == 20
+
+
 def test_agent_given_garbage_joins_again(tmp_path: Path) -> None:
     """A fake coordinator: WELCOME, then a message with a list in the kind position; the agent must not crash."""
     from runner.wire import zeromq as wire

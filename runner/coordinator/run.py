@@ -516,6 +516,7 @@ class Coordinator:
             raise ProtocolError(f"report for batch {batch_id} out of range (done {done} of {batch.n})")
         if any(pool not in self.consumers for pool, _, _ in emits):
             raise ProtocolError(f"report for batch {batch_id} emits to an unknown pool")
+        self._check_report_covers(batch_id, batch.done, done, results, failures)
         if results:  # written before the ledger counts them: a write that fails (full disk) leaves them unsettled
             self.files.write_results(batch.pool, ((batch.job_id(i), r) for i, r in results))
         newly = self.ledger.settle(batch, done)
@@ -546,6 +547,18 @@ class Coordinator:
             member.outstanding.remove(batch_id)
             if not member.outstanding:
                 member.idle_since = time.monotonic()
+
+    def _check_report_covers(self, batch_id: int, start: int, done: int, results: list[Any] | None, failures: list[Any]) -> None:
+        """Each job of a report once: a result or a failure, never both, never twice (a job counted twice, or
+        done without its result line, would break the exactly-once promise). With a results file, every
+        job of [start, done) is there; without, the failures are distinct."""
+        if results is not None or self.files.wants_results:
+            indexes = sorted([r[0] for r in results or ()] + [f[0] for f in failures])
+            if indexes != list(range(start, done)):
+                raise ProtocolError(f"report for batch {batch_id} does not give each of jobs {start}..{done - 1} "
+                                    "exactly one result or failure")
+        elif len(failures) > 1 and len({f[0] for f in failures}) != len(failures):
+            raise ProtocolError(f"report for batch {batch_id} gives a job two failures")
 
     def _merge_hist(self, pool: str, hist: dict[int, int]) -> None:
         total = self.ledger.stats[pool].hist
@@ -579,10 +592,11 @@ class Coordinator:
             self._dead_letter(job, error, trace, attempts=job.attempt)
 
     def _dead_letter(self, job: Job, error: str, trace: str | None, attempts: int) -> None:
-        self.ledger.stats[job.pool].dead += 1
-        self.durable.dead(job.pool, job.id, attempts)
+        # the line first: a journaled DEAD whose line a failed write lost would never run again on resume
         self.files.write_dead({"job_id": job.id, "pool": job.pool, "payload": job.payload, "error": error,
                                "traceback": trace, "attempts": attempts, "origin": job.origin})
+        self.ledger.stats[job.pool].dead += 1
+        self.durable.dead(job.pool, job.id, attempts)
         self.log.error("job.dead", pool=job.pool, job_id=job.id, attempts=attempts, error=error, origin=job.origin)
 
     def _on_lock(self, member: Member, op: str, name: str, request: int) -> None:

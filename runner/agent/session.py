@@ -46,6 +46,8 @@ HANDSHAKE_S = 3.0
 CHECK_EVERY_S = 0.02
 #: after a stop's grace, how long the goodbye to the coordinator may wait for room in ZeroMQ's queue
 GOODBYE_S = 1.0
+#: at the end of a session, how long its processes have, all together, to leave after SIGTERM before SIGKILL
+STOP_WAIT_S = 5.0
 
 
 class SessionEnded(Exception):
@@ -255,10 +257,12 @@ class Session:
         """Leave nothing behind: our processes' jobs belong to the coordinator's ledger, not to us."""
         signum = signal.SIGTERM if outcome == "done" else signal.SIGKILL
         self.procs.signal_all(signum)
+        deadline = time.monotonic() + STOP_WAIT_S  # one wait for all of them, not STOP_WAIT_S each in turn
         for proc in list(self.procs.procs.values()):
-            proc.process.join(5)
+            proc.process.join(max(0.0, deadline - time.monotonic()))
             if proc.process.exitcode is None:
                 self.procs.signal(proc, signal.SIGKILL)
+        for proc in list(self.procs.procs.values()):
             try:
                 self.procs.reap(proc)
             except Exception:  # keep reaping the others: none may reach interpreter exit alive

@@ -304,8 +304,10 @@ class Supervisor:
             batch = self.ledger.in_flight.get(batch_id)
             if batch is None:
                 continue
+            # the index comes from the process's slot or a host's EXITED: one outside the batch charges no job
+            in_hand = batch.job_id(running[1]) if running and running[0] == batch_id and 0 <= running[1] < batch.n else None
             for job in self.ledger.release(batch):
-                if running and running[0] == batch_id and job.id == batch.job_id(running[1]):
+                if job.id == in_hand:
                     charged = job
                 else:
                     requeue.append(job)

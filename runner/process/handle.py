@@ -85,7 +85,8 @@ class LocalProcess:
         if not limit or self.kill_reason:
             return False
         started = self.job_started_at(now)
-        return started > 0 and now - started > limit
+        # between two jobs of a batch timed as one the slot keeps the batch's start: no job is running then
+        return started > 0 and now - started > limit and self.running_job() is not None
 
 
 def describe_exit(code: int | None, oom: bool = False) -> tuple[str | None, str]:

@@ -74,9 +74,10 @@ class Watch:
         beat = float(proc.slot[SLOT_BEAT])
         if now - max(started, beat, proc.stall_mark) <= timeout:
             return
-        proc.stall_mark = now  # once per stall period: the next report comes stall_timeout later
         running = proc.running_job()
-        assert running is not None
+        if running is None:  # between two jobs of a batch timed as one (index -1): no job is stalled
+            return
+        proc.stall_mark = now  # once per stall period: the next report comes stall_timeout later
         silent = now - max(started, beat)
         action = str(limits.get("stall_action") or "warn")
 

@@ -94,10 +94,12 @@ class Ledger:
         self._next_job = last_id + 1
         self.produced = last_id
 
-    def restore(self, pool: str, ids: list[int], attempts: list[int], blob: bytes, origin: str) -> None:
-        """Unsettled jobs read back from the journal, queued again (in id order, behind nothing)."""
-        fresh = all(a == 1 for a in attempts)
-        self._enqueue(Batch(self._batch_id(), pool, len(ids), ids[0], blob, origin, ids=ids, attempts=None if fresh else attempts))
+    def restore(self, pool: str, ids: list[int] | range, attempts: list[int] | None, blob: bytes, origin: str) -> None:
+        """Unsettled jobs read back from the journal, queued again (in id order, behind nothing). A range of
+        ids is one batch as produced: no list of ids travels or is kept, and its settlements journal as DONE."""
+        fresh = attempts is None or all(a == 1 for a in attempts)
+        listed = None if isinstance(ids, range) else ids
+        self._enqueue(Batch(self._batch_id(), pool, len(ids), ids[0], blob, origin, ids=listed, attempts=None if fresh else attempts))
 
     def new_job_id(self) -> int:
         """An id for a job that never reaches a queue (an unencodable payload goes straight to dead)."""

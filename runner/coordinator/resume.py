@@ -32,8 +32,8 @@ class Unsettled:
 
     pool: str
     origin: str
-    ids: list[int]
-    attempts: list[int]
+    ids: list[int] | range  #: a range: the whole record as journaled (its blob untouched, no list of ids kept)
+    attempts: list[int] | None  #: None: every job's next attempt is its first
     blob: bytes
 
 
@@ -170,6 +170,10 @@ class JournalState:
             if only is None:
                 if settled.find(0, first, first + n) < 0:
                     continue
+                if settled.find(1, first, first + n) < 0:  # none settled (the bulk of a big resume): as journaled
+                    whole = range(first, first + n)
+                    yield Unsettled(pool, origin, whole, self._attempts_of(whole), blob)
+                    continue
                 wanted = [i for i in range(n) if not settled[first + i]]
             else:
                 wanted = [i for i in range(n) if first + i in only]
@@ -179,7 +183,13 @@ class JournalState:
             if len(wanted) < n:
                 payloads = protocol.unpack_blob(blob, n)
                 blob = protocol.repack([payloads[i] for i in wanted])
-            yield Unsettled(pool, origin, ids, [self.attempts.get(job_id, 1) for job_id in ids], blob)
+            yield Unsettled(pool, origin, ids, self._attempts_of(ids), blob)
+
+    def _attempts_of(self, ids: list[int] | range) -> list[int] | None:
+        if not self.attempts:
+            return None
+        attempts = [self.attempts.get(job_id, 1) for job_id in ids]
+        return None if all(a == 1 for a in attempts) else attempts
 
 
 @dataclass
@@ -198,7 +208,7 @@ class DeadFileState(JournalState):
             groups.setdefault((pool, origin), []).append(job_id)
         for (pool, origin), ids in groups.items():
             blob = protocol.repack([self.payloads[job_id][2] for job_id in ids])
-            yield Unsettled(pool, origin, ids, [self.attempts.get(job_id, 1) for job_id in ids], blob)
+            yield Unsettled(pool, origin, ids, self._attempts_of(ids), blob)
 
 
 def load(path: Path) -> JournalState:

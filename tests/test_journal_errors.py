@@ -51,9 +51,9 @@ def _config(name: str, logs_dir: str = "logs", **extra: Any) -> dict[str, Any]:
     }
 
 
-def _start(folder: Path, config: dict[str, Any], fsize: int | None = None) -> Run:
+def _start(folder: Path, config: dict[str, Any], fsize: int | None = None, tasks: str = TASKS) -> Run:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tasks.py").write_text(textwrap.dedent(TASKS))
+    (folder / "tasks.py").write_text(textwrap.dedent(tasks))
     (folder / "run.yaml").write_text(yaml.safe_dump(config))
 
     def limit() -> None:
@@ -135,5 +135,34 @@ def test_full_disk_under_the_journal_and_the_complete_lines(tmp_path: Path) -> N
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
         assert sorted(r["result"]["i"] for r in results) == list(range(N))
+    finally:
+        subprocess.run(["umount", "-l", str(full)], capture_output=True)
+
+
+def test_results_disk_full_mid_line_then_resume_each_job_once(tmp_path: Path) -> None:
+    """The results file on a 64 KiB tmpfs, each result 3 KiB: a report's write tears (part of it fits) and
+    then fails. The run takes the fail-safe path (exit 3); the torn part is cut back, so the journal's last
+    offset covers whole lines only, and `runner resume` with room again adds each missing job once, every
+    line whole JSON (a torn line counted as written used to be glued to the resume's first line)."""
+    full = tmp_path / "full"
+    full.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        tasks = TASKS.replace('return {"i": job["i"]}', 'return {"i": job["i"], "pad": "r" * 3072}')
+        config = _config("rfull", results="full/results.jsonl", queue={"maxsize": 40, "batch": 8})
+        config["producers"][0]["params"] = {"n": 200, "pad": 8}
+        run = _start(tmp_path, config, tasks=tasks)
+        assert run.wait(90) == 3, run.stderr[-3000:]
+        assert "No space left on device" in run.stdout.replace("\n", " ")
+        assert not _run_processes("rfull")
+        text = (full / "results.jsonl").read_bytes()
+        assert text.endswith(b"\n"), "a torn line was left in the results file"
+        subprocess.run(["mount", "-o", "remount,size=16m", str(full)], check=True, capture_output=True)
+        resumed = runner_cli("resume", run.run_id, "--logs", "logs", cwd=tmp_path, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        results = [json.loads(line) for line in (full / "results.jsonl").read_text().splitlines()]
+        assert sorted(r["result"]["i"] for r in results) == list(range(200))
     finally:
         subprocess.run(["umount", "-l", str(full)], capture_output=True)

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from runner import logs
 from runner.errors import UsageError
@@ -46,6 +46,32 @@ def writable(log_dir: Path, log_path: Path, results: str | None, control: Callab
     _check("control socket's folder", "", control)
 
 
+class LinesFile:
+    """An append-only file of whole lines (results, dead letters), written with os.write: no buffer that could
+    keep or drop part of a line. Its size after the last whole write is remembered; a write that fails (a full
+    disk, the file-size limit) is cut back to it, so a torn line is never on disk and never in a journal commit."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.size = os.fstat(self.fd).st_size
+
+    def write(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass  # the journal's offset (this size) still says where the whole lines end: a resume cuts there
+            raise
+        self.size += len(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class RunFiles:
     def __init__(self, log_dir: Path, run_id: str, results: str | None, truncate: tuple[int | None, int | None] | None = None) -> None:
         """truncate: a resumed run's (results, dead) offsets from the journal: lines after them belong to
@@ -54,14 +80,14 @@ class RunFiles:
         self.dead_path = log_dir / f"{run_id}.dead.jsonl"
         self.pending_path = log_dir / f"{run_id}.pending.jsonl"
         self.results_path = Path(results) if results else None
-        self._results: IO[bytes] | None = None
+        self._results: LinesFile | None = None
         if truncate is not None:
             _truncate(self.results_path, truncate[0])
             _truncate(self.dead_path, truncate[1])
         if results:
             Path(results).parent.mkdir(parents=True, exist_ok=True)
-            self._results = open(results, "ab")  # UTF-8 lines straight from orjson
-        self._dead: IO[str] | None = None
+            self._results = LinesFile(Path(results))  # UTF-8 lines straight from orjson
+        self._dead: LinesFile | None = None
 
     @property
     def wants_results(self) -> bool:
@@ -76,21 +102,17 @@ class RunFiles:
             for job_id, r in results:
                 lines += logs.dumps_line({"job_id": job_id, "pool": pool, "result": r, "run_id": run_id})
             self._results.write(lines)
-            self._results.flush()
 
     def offsets(self) -> tuple[int | None, int | None, list[int]]:
-        """Flush both files; (results size, dead size, their fds) for a journal commit."""
+        """(results size, dead size, their fds) for a journal commit: where their last whole lines end."""
         results = dead = None
         fds = []
         if self._results is not None:
-            self._results.flush()
-            fd = self._results.fileno()
-            results = os.fstat(fd).st_size
-            fds.append(fd)
+            results = self._results.size
+            fds.append(self._results.fd)
         if self._dead is not None:
-            fd = self._dead.fileno()
-            dead = os.fstat(fd).st_size
-            fds.append(fd)
+            dead = self._dead.size
+            fds.append(self._dead.fd)
         elif self.dead_path.exists():
             dead = self.dead_path.stat().st_size
         return results, dead, fds
@@ -114,24 +136,19 @@ class RunFiles:
 
     def write_dead(self, line: dict[str, Any]) -> None:
         if self._dead is None:
-            self._dead = open(self.dead_path, "a", encoding="utf-8")
-        self._dead.write(logs.dumps(line) + "\n")
-        self._dead.flush()
+            self._dead = LinesFile(self.dead_path)
+        self._dead.write(logs.dumps_line(line))
 
     def write_pending(self, lines: list[dict[str, Any]]) -> None:
         if lines:
             with open(self.pending_path, "w", encoding="utf-8") as out:
                 out.writelines(logs.dumps(line) + "\n" for line in lines)
 
-    def flush(self) -> None:
-        """A live run's results can be read as it goes, a progress tick behind at most."""
-        if self._results is not None:
-            self._results.flush()
-
     def close(self) -> None:
         for handle in (self._results, self._dead):
             if handle is not None:
                 handle.close()
+        self._results = self._dead = None
 
 
 def _truncate(path: Path | None, size: int | None) -> None:

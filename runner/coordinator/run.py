@@ -650,7 +650,6 @@ class Coordinator:
         return self.monitor.histograms(self.ledger)
 
     def _log_progress(self, now: float) -> None:
-        self.files.flush()  # a live run's results can be read as it goes, a tick behind at most
         counts = report.counts(self.ledger)
         rate = (counts["done"] - self._last_done) / self.run_cfg.logs.progress_interval
         self._last_done = counts["done"]

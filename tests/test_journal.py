@@ -233,6 +233,10 @@ def test_start_resume_and_refusals(folder: Path) -> None:
     assert refused.returncode == 2 and "work" in refused.stderr and "removed or renamed" in refused.stderr, refused.stderr
     params = cli("resume", run_id, "--logs", "logs", "--set", "producers.prod.params.n=5", cwd=folder)
     assert params.returncode == 2 and "params" in params.stderr, params.stderr
+    (folder / "other.jsonl").write_text("another file's line\n")
+    moved = cli("resume", run_id, "--logs", "logs", "--set", "results=other.jsonl", cwd=folder)
+    assert moved.returncode == 2 and "results changed" in moved.stderr, moved.stderr
+    assert (folder / "other.jsonl").read_text() == "another file's line\n"  # the journal's offset was never applied to it
     more = cli("start", "--config", "run.yaml", "--resume", "--set", "consumers.work.processes=3", cwd=folder)
     assert more.returncode == 0, more.stderr
     assert f"run: {run_id}" in more.stdout

@@ -96,6 +96,14 @@ def config_of(state: JournalState, overrides: list[str], logs_dir: Path) -> Conf
     data = copy.deepcopy(state.config)
     data.setdefault("logs", {})["dir"] = str(logs_dir)  # where the journal was found is where the run's files are
     cfg = config_from_data(data, overrides, state.config_path or "(journal)", state.base_dir)
+    # where the run's files are is the run's identity: its journal's offsets belong to that results file
+    kept = {"name": (state.config.get("name"), cfg.run.name), "results": (state.config.get("results"), cfg.run.results),
+            "logs.dir": (str(logs_dir), str(cfg.run.logs.dir))}
+    for key, (journaled, now) in kept.items():
+        if journaled != now:
+            raise UsageError(f"cannot resume run {state.run_id} with {key} changed ({journaled!r} in the journal, {now!r} "
+                             f"now): a resumed run keeps its name and its files. `--set` may change processes, timeouts, "
+                             "retries and the like")
     check_against(state, cfg)
     return cfg
 

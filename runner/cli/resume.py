@@ -68,7 +68,10 @@ def resumable(cfg: Config) -> JournalState | None:
 
 
 def check_against(state: JournalState, cfg: Config) -> None:
-    """The config a resume will run must keep the journal's pools, and each replayed producer's task and params."""
+    """The config a resume will run must keep the run's name and results file, the journal's pools, and each
+    replayed producer's task and params."""
+    _keeps(state, "name", state.config.get("name"), cfg.run.name)
+    _keeps(state, "results", state.config.get("results"), cfg.run.results)
     old = {p["name"]: role for role in ("producers", "consumers") for p in state.config[role]}
     new = {p.name: ("producers" if p in cfg.run.producers else "consumers") for p in cfg.run.all_pools()}
     if old != new:
@@ -96,16 +99,17 @@ def config_of(state: JournalState, overrides: list[str], logs_dir: Path) -> Conf
     data = copy.deepcopy(state.config)
     data.setdefault("logs", {})["dir"] = str(logs_dir)  # where the journal was found is where the run's files are
     cfg = config_from_data(data, overrides, state.config_path or "(journal)", state.base_dir)
-    # where the run's files are is the run's identity: its journal's offsets belong to that results file
-    kept = {"name": (state.config.get("name"), cfg.run.name), "results": (state.config.get("results"), cfg.run.results),
-            "logs.dir": (str(logs_dir), str(cfg.run.logs.dir))}
-    for key, (journaled, now) in kept.items():
-        if journaled != now:
-            raise UsageError(f"cannot resume run {state.run_id} with {key} changed ({journaled!r} in the journal, {now!r} "
-                             f"now): a resumed run keeps its name and its files. `--set` may change processes, timeouts, "
-                             "retries and the like")
+    _keeps(state, "logs.dir", str(logs_dir), str(cfg.run.logs.dir))
     check_against(state, cfg)
     return cfg
+
+
+def _keeps(state: JournalState, key: str, journaled: object, now: object) -> None:
+    """Where the run's files are is the run's identity: its journal's offsets belong to those files."""
+    if journaled != now:
+        raise UsageError(f"cannot resume run {state.run_id} with {key} changed ({journaled!r} in the journal, {now!r} now): "
+                         "a resumed run keeps its name and its files. `--set` may change processes, timeouts, retries "
+                         "and the like")
 
 
 def _journal_of(run_id: str | None, last: str | None, logs_dir: Path) -> Path | None:

@@ -402,3 +402,29 @@ def test_journal_off_and_results_placeholders(folder: Path) -> None:
     assert run_id == run.run_id and {r["run_id"] for r in read_jsonl(out)} == {run_id}
     refused = cli("resume", run_id, "--logs", "logs", cwd=folder)
     assert refused.returncode == 2 and "journal: false" in refused.stderr
+
+
+def test_a_journal_damaged_other_than_at_its_tail_is_refused_with_one_message(tmp_path: Path) -> None:
+    """A torn tail is normal (reading stops there); a whole frame of a shape the runner never writes, another
+    version, or a journal that cannot be read is exit 2 with one message naming it, never a traceback."""
+    from runner.coordinator import journal as J
+
+    config = {"name": "d", "producers": [{"name": "prod", "task": "tasks:produce"}], "consumers": [{"name": "work", "task": "tasks:consume"}]}
+    header = [J.HEADER, J.VERSION, "", "d", config, "0", "run.yaml", str(tmp_path)]
+    cases = {
+        "a frame that is a number": [5],
+        "a record of the wrong length": [header, [J.COMMIT, [[J.DONE, "work", 1]], None, None]],
+        "another version": [[J.HEADER, J.VERSION + 1, *header[2:]]],
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for i, (case, frames) in enumerate(cases.items()):
+        run_id = f"d-20260101T00000{i}Z-0000"
+        frames = [[*f[:2], run_id, *f[3:]] if f and isinstance(f, list) and f[0] == J.HEADER else f for f in frames]
+        (logs / f"{run_id}.journal").write_bytes(b"".join(J.frame(f) for f in frames))
+        done = runner_cli("resume", run_id, "--logs", "logs", cwd=tmp_path, timeout=60)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (case, done.stderr)
+        assert f"{run_id}.journal" in done.stderr and ("damaged" in done.stderr or "version" in done.stderr), (case, done.stderr)
+    (logs / "d-20260101T000009Z-0000.journal").mkdir()
+    done = runner_cli("resume", "d-20260101T000009Z-0000", "--logs", "logs", cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "cannot read the journal" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -212,27 +212,44 @@ class DeadFileState(JournalState):
 
 
 def load(path: Path) -> JournalState:
-    """Pass one over a journal: its header and every commit up to the first torn or corrupt frame."""
+    """Pass one over a journal: its header and every commit up to the first torn or corrupt frame.
+
+    UsageError (exit 2, one message) for a journal that cannot be read, comes from another version, or holds a
+    whole frame (its CRC right) of a shape this runner never writes: a torn tail is normal, that is not."""
     state = JournalState(path)
     if not path.exists():
         raise UsageError(f"no journal {path} (was the run started with `journal: false`?)")
     start = 0
-    for end, body in J.read_frames(path):
-        if body[0] == J.COMMIT:
-            ids = [(record[2], record[2] + record[3] - 1) for record in body[1] if record[0] == J.JOBS]
-            if ids:
-                state.frames.append((start, end, min(low for low, _ in ids), max(high for _, high in ids)))
-        start = end
-        if body[0] == J.HEADER:
-            _, _version, state.run_id, state.name, state.config, state.config_hash, state.config_path, state.base_dir = body[:8]
-        elif body[0] == J.COMMIT:
-            for record in body[1]:
-                state._record(record)
-            if body[2] is not None:
-                state.results_offset = body[2]
-            if body[3] is not None:
-                state.dead_offset = body[3]
-        state.good_end = end
+    try:
+        for end, body in J.read_frames(path):
+            _take_frame(state, path, start, end, body)
+            start = end
+    except OSError as exc:
+        raise UsageError(f"cannot read the journal {path}: {exc.strerror or exc}") from exc
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise UsageError(f"the journal {path} is damaged at byte {start} (a whole frame of an unknown shape: "
+                         f"{type(exc).__name__}: {exc}); nothing was changed. It was not written by this runner as it is") from exc
     if not state.run_id:
         raise UsageError(f"journal {path} has no readable header: nothing to resume")
     return state
+
+
+def _take_frame(state: JournalState, path: Path, start: int, end: int, body: Any) -> None:
+    if body[0] == J.COMMIT:
+        ids = [(record[2], record[2] + record[3] - 1) for record in body[1] if record[0] == J.JOBS]
+        if ids:
+            state.frames.append((start, end, min(low for low, _ in ids), max(high for _, high in ids)))
+    if body[0] == J.HEADER:
+        if body[1] != J.VERSION:
+            raise UsageError(f"the journal {path} is of version {body[1]!r}; this runner reads version {J.VERSION}")
+        _, _version, state.run_id, state.name, state.config, state.config_hash, state.config_path, state.base_dir = body[:8]
+        if not isinstance(state.config, dict) or not isinstance(state.run_id, str):
+            raise TypeError("a header without a config or a run id")
+    elif body[0] == J.COMMIT:
+        for record in body[1]:
+            state._record(record)
+        if body[2] is not None:
+            state.results_offset = body[2]
+        if body[3] is not None:
+            state.dead_offset = body[3]
+    state.good_end = end

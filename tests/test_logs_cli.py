@@ -152,6 +152,28 @@ def test_damaged_lines_give_one_warning_at_the_end(tmp_path: Path) -> None:
     assert "run.finished" in invoke("logs", str(log.path)).stdout
 
 
+def test_lines_of_a_shape_the_runner_never_writes_are_one_message_not_a_traceback(tmp_path: Path) -> None:
+    """Valid JSON, wrong types (edited by hand, another program): `runs` lists the run with what it can read
+    and leaves out a log it cannot; the readers end with one line and exit 2."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = [{"timestamp": "2026-01-01T00:00:00.000Z", "level": "info", "event": "run.started", "run_id": "odd", "name": "odd"},
+             {"timestamp": "2026-01-01T00:00:01.000Z", "level": "info", "event": "progress", "done": "x"},
+             {"timestamp": "2026-01-01T00:00:02.000Z", "level": "error", "event": "job.dead", "job_id": [1]},
+             {"timestamp": "2026-01-01T00:00:03.000Z", "level": "info", "event": "run.finished", "status": "finished",
+              "duration_s": "5", "done": "many"}]
+    (logs / "odd-20260101T000000Z-abcd.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    bad_month = {**lines[0], "timestamp": "2026-13-01T00:00:00.000Z"}
+    (logs / "month-20260101T000000Z-abcd.jsonl").write_text(json.dumps(bad_month) + "\n")
+    result = invoke("runs", "--logs", str(logs))
+    assert result.exit_code == 0 and "odd-20260101T000000Z-abcd" in result.stdout, result.output
+    assert "month-20260101T000000Z-abcd.jsonl has a line of an unexpected shape" in result.stderr, result.stderr
+    for args in (["logs", "summary", "odd-20260101T000000Z-abcd"], ["logs", "odd-20260101T000000Z-abcd", "--job", "1"]):
+        result = invoke(*args, "--logs", str(logs))
+        assert result.exit_code == 2 and result.stderr.startswith("error: a log line of an unexpected shape"), (args, result.output)
+        assert len(result.stderr.splitlines()) == 1 and isinstance(result.exception, SystemExit), (args, result.exception)
+
+
 # -- trace, summary, timeline ---------------------------------------------------------------
 def test_trace_command(crashy: RealRun) -> None:
     result = invoke("logs", "trace", "7", "--logs", str(crashy.logs_dir))

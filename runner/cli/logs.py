@@ -93,6 +93,10 @@ def _reading(damage: Damage) -> Iterator[None]:
         raise typer.Exit(0) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except OSError as exc:  # a log file or folder this user may not read
+        _fail(f"cannot read {exc.filename or 'the logs'}: {exc.strerror or exc}")
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # JSON of a shape the runner never writes
+        _fail(f"a log line of an unexpected shape (not written by this runner as it is): {type(exc).__name__}: {exc}")
     finally:
         _warn_damage(damage)
 
@@ -118,11 +122,24 @@ def _when(stamp: Any) -> str:
 
 
 # -- runner runs ----------------------------------------------------------------------------
+def _run_info_or_warn(path: Path) -> Any:
+    """One run's summary; a log this user cannot read, or of a shape the runner never writes, is a warning and
+    left out, so one bad file does not hide the others."""
+    try:
+        return run_info(path)
+    except OSError as exc:
+        sys.stderr.write(f"warning: cannot read {path}: {exc.strerror or exc}; left out\n")
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        sys.stderr.write(f"warning: {path} has a line of an unexpected shape ({type(exc).__name__}: {exc}); left out\n")
+    return None
+
+
 def runs(logs_dir: Path = LogsDirOption, as_json: bool = JsonOption) -> None:
     """The runs in a log folder, newest first: id, name, start, duration, status, jobs done / failed / dead."""
     if not logs_dir.is_dir():
         _fail(f"no log folder {logs_dir}/ (give --logs DIR)")
-    infos = [run_info(path) for path in find_runs(logs_dir)]
+    with _reading(Damage()):
+        infos = [info for info in map(_run_info_or_warn, find_runs(logs_dir)) if info is not None]
     if as_json:
         for info in infos:
             record = {k: v for k, v in vars(info).items() if k != "path"}

@@ -114,10 +114,11 @@ def run_info(path: Path, now: float | None = None) -> RunInfo:
     if latest is not None:
         latest = {**latest, "log_file": str(path)}
     figures = finished or progress or {}
-    info.done, info.failed, info.dead = figures.get("done"), figures.get("failed"), figures.get("dead")
+    info.done, info.failed, info.dead = (_count(figures.get(key)) for key in ("done", "failed", "dead"))
     if finished is not None:
         info.status = str(finished.get("status", "finished"))
-        info.duration_s = finished.get("duration_s")
+        duration = finished.get("duration_s")
+        info.duration_s = float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool) else None
     elif latest is not None:
         info.status = "running" if coordinator_alive(latest) else "crashed"
     journal = path.with_name(info.run_id + ".journal")
@@ -127,6 +128,11 @@ def run_info(path: Path, now: float | None = None) -> RunInfo:
         end = (time.time() if now is None else now) if info.status == "running" else stamp_seconds(last) if last else None
         info.duration_s = None if end is None else max(0.0, round(end - stamp_seconds(info.started), 3))
     return info
+
+
+def _count(value: Any) -> int | None:
+    """A count from a log line; what is not one (a line of a shape the runner never writes) shows as unknown."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def resolve_sources(tokens: Sequence[str], logs_dir: Path) -> list[Path]:

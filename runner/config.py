@@ -6,6 +6,7 @@ Precedence: `--set` overrides > YAML > defaults. Unknown keys are errors, with a
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -58,6 +59,31 @@ def parse_listen(value: Any) -> Any:
 Listen = Annotated[str, BeforeValidator(parse_listen)]
 #: runner_job_duration_seconds' default buckets (seconds)
 DEFAULT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+def _not_plain(value: Any, where: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], str] | None:
+    """(where, what) of the first value JSON and msgpack cannot both keep exactly, or None."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    if isinstance(value, int):
+        return None if -(1 << 63) <= value < (1 << 64) else (where, f"an integer beyond 64 bits ({value})")
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, f"a number that is not finite ({value})")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _not_plain(item, (*where, i))
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (where, f"a key that is not a string ({key!r})")
+            found = _not_plain(item, (*where, key))
+            if found is not None:
+                return found
+        return None
+    return (where, f"a {type(value).__name__} ({value})")
 
 
 class _Model(BaseModel):
@@ -184,6 +210,13 @@ class RunConfig(_Model):
             if pool.name in seen:
                 found.append(((key, index, "name"), f"pool name {pool.name!r} is used twice"))
             seen.add(pool.name)
+        for key, index, pool in located:
+            odd = _not_plain(pool.params)
+            if odd is not None:
+                where, what = odd
+                found.append(((key, index, "params", *where), f"{what}: params travel as JSON (the journal a resume reads "
+                              "them back from) and msgpack (worker hosts), which cannot keep it exactly; quote it "
+                              "(YAML reads 2024-01-01 as a date, .inf as infinity)"))
         consumers = [c.name for c in self.consumers]
         for index, producer in enumerate(self.producers):
             if producer.to is None and len(consumers) > 1:

@@ -85,6 +85,18 @@ def test_cross_field_errors(tmp_path: Path) -> None:
     assert "run.yaml:3: producers[0] (baker).to: unknown consumer pool 'eatr' (did you mean 'eater'?)" in str(info.value)
 
 
+@pytest.mark.parametrize("value, named", [("2024-01-01", "params.since: a date (2024-01-01)"),
+                                          (".inf", "params.since: a number that is not finite (inf)"),
+                                          ("[1, {2: 3}]", "params.since[1]: a key that is not a string (2)")])
+def test_params_a_resume_could_not_give_back_exactly_are_refused(tmp_path: Path, value: str, named: str) -> None:
+    """The journal keeps the config as JSON and worker hosts get params over msgpack: a YAML date became a string
+    on resume (and broke the replay contract silently). Refused at the start, naming it; quoted, it is fine."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD.replace("params: {buns: 5}", f"params: {{buns: 5, since: {value}}}")))
+    assert f"run.yaml:3: producers[0] (baker).{named}" in str(info.value), str(info.value)
+    assert load_config(write(tmp_path, GOOD.replace("params: {buns: 5}", "params: {since: '2024-01-01'}"))).run.producers[0].params
+
+
 def test_missing_required(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "name: x\nproducers: []\n"))

@@ -129,6 +129,15 @@ class RunJournal:
             except J.JournalError as exc:
                 raise self._broken(str(exc)) from exc.__cause__
 
+    def commit_synced(self) -> None:
+        """A commit now, on disk before this returns (see Journal.synced)."""
+        if self.journal is not None:
+            self.commit()
+            try:
+                self.journal.synced()
+            except J.JournalError as exc:
+                raise self._broken(str(exc)) from exc.__cause__
+
     def _check(self) -> None:
         """A journal that failed to write stops the run (the fail-safe path: exit 3, pending file), saying what to do."""
         assert self.journal is not None

@@ -170,7 +170,7 @@ class Journal:
         self.fd = fd
         self.records: list[Any] = []
         self.bytes_written = 0
-        self._queue: queue.SimpleQueue[tuple[bytes, list[int]] | None] | None = None
+        self._queue: queue.SimpleQueue[tuple[bytes, list[int]] | threading.Event | None] | None = None
         self._thread: threading.Thread | None = None
         self.error: str | None = None  #: why the journal broke (a failed write or fsync): nothing is written after it
         try:
@@ -215,6 +215,16 @@ class Journal:
             self._broke(exc)
             raise JournalError(self.error) from exc
 
+    def synced(self, timeout: float = 60.0) -> None:
+        """Wait until every commit so far is on disk (group commit: the thread's next fsync). For the rare write
+        that must follow a commit, not race it: `runner retry` rewrites the dead file only once its RERUN is safe."""
+        if self._queue is not None:
+            done = threading.Event()
+            self._queue.put(done)
+            if not done.wait(timeout):
+                self._broke(OSError(f"the journal's fsync took over {timeout:g}s"))
+        self.check()
+
     def check(self) -> None:
         """Raise JournalError if a write or fsync failed (in the loop, or in the group-commit thread)."""
         if self.error is not None:
@@ -240,9 +250,10 @@ class Journal:
             while not self._queue.empty():
                 items.append(self._queue.get())
             stop = None in items
+            commits = [entry for entry in items if isinstance(entry, tuple)]
             try:
-                fds = {fd for entry in items if entry is not None for fd in entry[1]}
-                data = b"".join(entry[0] for entry in items if entry is not None)
+                fds = {fd for entry in commits for fd in entry[1]}
+                data = b"".join(entry[0] for entry in commits)
                 if data and self.error is None:  # once broken, nothing more: the loop sees `error` and stops the run
                     for fd in fds:
                         os.fdatasync(fd)
@@ -250,6 +261,9 @@ class Journal:
                     os.fdatasync(self.fd)
             except OSError as exc:  # a full disk, EIO: the loop's next check() takes the run to its fail-safe path
                 self._broke(exc)
+            for entry in items:
+                if isinstance(entry, threading.Event):
+                    entry.set()  # what was committed before it is on disk (or `error` says why not)
             if stop:
                 return
 

@@ -280,8 +280,14 @@ class Coordinator:
         if self.rerun is not None:
             rerun = self.rerun
             self._dead_before = sum(s.dead for s in self.ledger.stats.values())
-            self.files.rewrite_dead(lambda line: line.get("job_id") not in rerun)  # under the run's lock (the journal's)
             self.durable.rerun(sorted(rerun.items()))
+            # the RERUN on disk before the dead file loses those lines (under the run's lock, the journal's): a crash
+            # in between leaves lines the journal no longer counts as dead, which the resume below drops
+            self.durable.commit_synced()
+            self.files.rewrite_dead(lambda line: line.get("job_id") not in rerun)
+        elif state.rerun_base and state.journaled:  # resuming a retry: keep only the lines of jobs still dead
+            still_dead = state.dead
+            self.files.rewrite_dead(lambda line: line.get("job_id") in still_dead)
         self.files.pending_path.unlink(missing_ok=True)  # stale: the journal is the truth now
         self.log.info("run.resumed", **started, **summary)
         if self.rerun is not None:

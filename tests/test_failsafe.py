@@ -25,6 +25,7 @@ from conftest import (
     read_jsonl,
     run_config,
     runner_cli,
+    small_tmpfs,
     start_host_run,
     start_run,
     start_worker,
@@ -322,12 +323,7 @@ def _complete_lines(path: Path) -> list[dict]:
 def test_full_disk_mid_run_crashes_cleanly(folder: Path) -> None:
     """Results on a 64 KiB tmpfs: a write raises OSError mid-run. Expected: run.crashed with the traceback,
     every process stopped, the unfinished jobs pending, run.finished `crashed`, exit 3, no process left."""
-    full = folder / "full"
-    full.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(folder / "full", "64k") as full:
         config = basic_config()
         config["name"] = "crashy"
         config["producers"][0]["params"] = {"n": 2000}
@@ -349,19 +345,12 @@ def test_full_disk_mid_run_crashes_cleanly(folder: Path) -> None:
         assert finished["done"] <= len(written)
         assert not _run_processes("crashy"), "a process of the crashed run is still alive"
         assert "Traceback" not in run.stderr.split('"traceback"')[0]  # only inside the JSON log line, never raw
-    finally:
-        subprocess.run(["umount", "-l", str(full)], capture_output=True)
 
 
 def test_crash_during_a_stop_exits_3_not_143(folder: Path) -> None:
     """SIGTERM first; then, as the consumers finish the jobs in hand, their results overflow the disk:
     the crash wins over the signal (exit 3, status crashed), and the stop still ends with no process left."""
-    full = folder / "full"
-    full.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(folder / "full", "64k") as full:
         config = basic_config()
         config["name"] = "crashstop"
         config["consumers"][0]["task"] = "tasks:big_gated"
@@ -380,8 +369,6 @@ def test_crash_during_a_stop_exits_3_not_143(folder: Path) -> None:
         pending = {p["payload"]["i"] for p in run.pending()}
         assert written | pending == set(range(finished["produced"]))
         assert not _run_processes("crashstop")
-    finally:
-        subprocess.run(["umount", "-l", str(full)], capture_output=True)
 
 
 WATCHDOG = """

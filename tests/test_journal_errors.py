@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from conftest import Run, read_jsonl, runner_cli
+from conftest import Run, read_jsonl, runner_cli, small_tmpfs
 from test_failsafe import _complete_lines, _run_processes
 
 pytestmark = pytest.mark.timeout(180)
@@ -108,12 +107,7 @@ def test_full_disk_under_the_journal_and_the_complete_lines(tmp_path: Path) -> N
     """logs.dir on a 256 KiB tmpfs: the journal fills it, and then the log and the pending file cannot be
     written either. The run still stops cleanly with exit 3 and says where its jobs are: in the journal,
     which `runner resume` continues once the disk has room."""
-    full = tmp_path / "full"
-    full.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "full", "256k") as full:
         run = _start(tmp_path, _config("jfull", logs_dir="full/logs"))
         assert run.wait(90) == 3, run.stderr[-3000:]
         assert "No space left on device" in run.stdout.replace("\n", " ")
@@ -135,8 +129,6 @@ def test_full_disk_under_the_journal_and_the_complete_lines(tmp_path: Path) -> N
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
         assert sorted(r["result"]["i"] for r in results) == list(range(N))
-    finally:
-        subprocess.run(["umount", "-l", str(full)], capture_output=True)
 
 
 def test_results_disk_full_mid_line_then_resume_each_job_once(tmp_path: Path) -> None:
@@ -144,12 +136,7 @@ def test_results_disk_full_mid_line_then_resume_each_job_once(tmp_path: Path) ->
     then fails. The run takes the fail-safe path (exit 3); the torn part is cut back, so the journal's last
     offset covers whole lines only, and `runner resume` with room again adds each missing job once, every
     line whole JSON (a torn line counted as written used to be glued to the resume's first line)."""
-    full = tmp_path / "full"
-    full.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "full", "64k") as full:
         tasks = TASKS.replace('return {"i": job["i"]}', 'return {"i": job["i"], "pad": "r" * 3072}')
         config = _config("rfull", results="full/results.jsonl", queue={"maxsize": 40, "batch": 8})
         config["producers"][0]["params"] = {"n": 200, "pad": 8}
@@ -164,5 +151,3 @@ def test_results_disk_full_mid_line_then_resume_each_job_once(tmp_path: Path) ->
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         results = [json.loads(line) for line in (full / "results.jsonl").read_text().splitlines()]
         assert sorted(r["result"]["i"] for r in results) == list(range(200))
-    finally:
-        subprocess.run(["umount", "-l", str(full)], capture_output=True)

@@ -6,6 +6,7 @@ the raw baselines import it from bench/. Producers build the same small dict inl
 
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -61,12 +62,22 @@ def pace(n, rate):
         yield i, time.monotonic_ns()
 
 
-def paced_produce(ctx, n=1000, rate=1000):
-    """Runner producer: `n` jobs at `rate` jobs/s, each stamped with time.monotonic_ns()."""
+def paced_produce(ctx, n=1000, rate=1000, gate=None):
+    """Runner producer: `n` jobs at `rate` jobs/s, each stamped with time.monotonic_ns(). With `gate`, first
+    one probe job (i = -1), and the paced jobs only once a consumer has run it (it writes the file `gate`):
+    the latency of a run whose consumers are there, not of their start (or, over ZeroMQ, of the worker
+    host's join, which waits for the run's keys with backoff when the worker starts first)."""
+    if gate:
+        yield {"i": -1, "t": time.monotonic_ns(), "gate": gate}
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.002)
     for i, stamp in pace(n, rate):
         yield {"i": i, "t": stamp}
 
 
 def stamp_consume(ctx, job):
     """Runner consumer: the produce-to-consume latency in ns (CLOCK_MONOTONIC is system-wide)."""
+    if "gate" in job:  # paced_produce's probe: the paced jobs may start
+        open(job["gate"], "w").close()
     return {"i": job["i"], "lat_ns": time.monotonic_ns() - job["t"], "host": ctx.host}

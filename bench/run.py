@@ -429,9 +429,9 @@ class Bench:
 
         def runner_lat(zmq: bool) -> tuple[list[tuple[int, int, str]], float]:
             config = self.trivial_config(n)
-            config["producers"][0].update(task="bench_tasks:paced_produce", params={"n": n, "rate": rate})
+            config["producers"][0].update(task="bench_tasks:paced_produce", params={"n": n, "rate": rate, "gate": "consumer-ready"})
             config["consumers"][0]["task"] = "bench_tasks:stamp_consume"
-            r = self.runner(config, n, zmq, results=True)
+            r = self.runner(config, n + 1, zmq, results=True)  # + the probe job (i = -1), left out below
             out = []
             assert r.results_path is not None
             for line in r.results_path.read_text().splitlines():
@@ -481,8 +481,9 @@ class Bench:
                 table(["system", "jobs", "p50 ms", "p99 ms", "max ms", "noise", "note"], rows, "lrrrrrl"),
                 "",
                 (f"{n:,} jobs paced on a deadline schedule; each payload carries time.monotonic_ns() taken as the producer "
-                 f"yields it, the consumer records now − stamp (read back from the results file for the runner). The first "
-                 f"{skip} jobs (0.2 s) are left out as warm-up. One run each. Over ZeroMQ: {self.zmq_note()}; the jobs that "
+                 f"yields it, the consumer records now − stamp (read back from the results file for the runner). The runner's paced "
+                 f"jobs start once a consumer has run one probe job (over ZeroMQ: once the worker host has joined and "
+                 f"started its processes). The first {skip} jobs (0.2 s) are left out as warm-up. One run each. Over ZeroMQ: {self.zmq_note()}; the jobs that "
                  f"ran on the worker crossed producer → coordinator → ZeroMQ → worker agent → consumer.")]
         self.tables.append("\n".join(text))
 

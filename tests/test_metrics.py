@@ -175,3 +175,34 @@ def test_healthz_is_503_when_the_loop_has_not_turned_for_5_seconds(tmp_path: Pat
             assert reply.read() == b""  # no snapshot yet: no metric rather than made-up zeros
     finally:
         web.close()
+
+
+def test_requests_the_handlers_do_not_foresee_get_an_answer_and_no_traceback(tmp_path: Path, capfd: Any) -> None:
+    """A NUL in a static path (no token needed), a job id of digits int() refuses: each gets its answer, and
+    the HTTP thread never prints a traceback on the run's console."""
+    cfg = RunConfig.model_validate({"name": "h", "producers": [{"name": "p", "task": "t:p"}], "consumers": [{"name": "c", "task": "t:c"}],
+                                    "dashboard": {"listen": "127.0.0.1:0"}})
+    monitor = Monitor("h-1", cfg, str(tmp_path / "h.jsonl"), enabled=True)
+    web = Web(cfg, monitor, tmp_path / "h.jsonl")
+    web.start()
+    try:
+        assert web.dashboard_url is not None
+        base, token = web.dashboard_url.split("?token=")
+        base = base.rstrip("/")
+
+        def get(path: str) -> tuple[int, bytes]:
+            try:
+                with urllib.request.urlopen(base + path, timeout=10) as reply:
+                    return reply.status, reply.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read()
+
+        assert get("/static/a%00b")[0] == 404
+        status, body = get(f"/api/trace?job=%C2%B2&token={token}")  # "²": str.isdigit() says yes, int() says no
+        assert status == 200 and b"not a job id" in body, body
+        status, body = get(f"/api/trace?job={'9' * 5000}&token={token}")
+        assert status == 200 and b"not a job id" in body, body
+        assert get("/healthz")[0] in (200, 503)
+    finally:
+        web.close()
+    assert "Traceback" not in capfd.readouterr().err

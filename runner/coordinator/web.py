@@ -40,6 +40,13 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
           ".svg": "image/svg+xml"}
 
 
+#: connections served at once (each a thread); more wait in the listen queue. /metrics and /healthz need no
+#: token, so anyone who can reach the port could otherwise hold a thread per idle connection for ever
+MAX_CONNECTIONS = 32
+#: a connection silent this long is closed (a scraper or a browser sends its request at once)
+IDLE_S = 10.0
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -48,12 +55,29 @@ class _Server(ThreadingHTTPServer):
         self.web = web
         self.metrics = metrics
         self.dashboard = dashboard
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(timeout=IDLE_S):  # every slot taken that long: this one is dropped
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a request that failed was answered 500 (or its client left): never a traceback on the run's console
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_S
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # requests are not the run's events
@@ -87,6 +111,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(404, "not found\n", "text/plain; charset=utf-8")
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as exc:  # a request the handlers did not foresee: answered, never the HTTP thread's end
+            try:
+                self._send(500, f"error: {type(exc).__name__}\n", "text/plain; charset=utf-8")
+            except OSError:
+                pass
 
     def do_POST(self) -> None:
         self._send(405, "read-only\n", "text/plain; charset=utf-8")
@@ -94,7 +123,10 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_POST
 
     def _static(self, name: str) -> None:
-        path = (STATIC / name).resolve()
+        try:
+            path = (STATIC / name).resolve()
+        except (ValueError, OSError):  # a NUL in the name, a loop of links
+            path = STATIC
         if path.parent != STATIC or not path.is_file():
             self._send(404, "not found\n", "text/plain; charset=utf-8")
             return
@@ -222,8 +254,9 @@ class Web:
         from runner.logs.read import Damage, checked, read_lines
         from runner.logs.trace import job_prefilter, trace
 
-        if not job.strip().isdigit():
-            return {"error": f"not a job id: {job!r}"}
+        job = job.strip()
+        if not (job.isascii() and job.isdigit() and len(job) < 20):
+            return {"error": f"not a job id: {job[:40]!r}"}
         job_id = int(job)
         damage = Damage()
         lines = read_lines([self.log_path], damage, job_prefilter(job_id))

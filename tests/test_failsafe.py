@@ -428,3 +428,20 @@ def test_a_job_hanging_in_per_batch_timing_is_the_one_charged(folder: Path) -> N
     retried = [r for r in run.results() if r["result"]["attempt"] == 2]
     assert [r["result"]["i"] for r in retried] == [2600] and retried[0]["job_id"] == failed[0]["job_id"]
     assert_each_once(run.results(), range(3030))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_a_task_module_imports_ends_the_command(folder: Path, signum: int, code: int) -> None:
+    """A task module slow to import (a database, a model): a stop must not wait for its whole import. Nothing
+    has started yet, so the command ends there, 128 + signal, no traceback (it used to start the run first)."""
+    tasks = TASKS.replace("import", "import pathlib, time\npathlib.Path('importing').touch()\ntime.sleep(60)\nimport", 1)
+    run = start_run(folder, basic_config(), tasks=tasks)
+    try:
+        wait_for(lambda: (folder / "importing").exists() or run.process.poll() is not None, timeout=60, what="the slow import")
+        run.process.send_signal(signum)
+        assert run.wait(15) == code, run.stderr[-2000:]
+    finally:
+        if run.process.poll() is None:
+            run.process.kill()
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert not list(folder.glob("logs/*.jsonl")), "the run started anyway"

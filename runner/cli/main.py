@@ -89,6 +89,39 @@ def _import_tasks(config: Config) -> list[str]:
     return refs
 
 
+class _StoppedWhileImporting(BaseException):  # not an Exception: an import failure is wrapped, this is not
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+def _import_tasks_stoppable(config: Config) -> list[str]:
+    """_import_tasks with SIGINT/SIGTERM live (the commands that start a run hold them blocked until the
+    coordinator's handlers exist): a task module slow to import (it connects to a database, loads a model)
+    must not hold a stop back for its whole import. Nothing has started yet, so a signal ends the command
+    there: 128 + signal, quietly."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _StoppedWhileImporting(signum)
+
+    wanted = {signal.SIGINT, signal.SIGTERM}
+    before = {signum: signal.getsignal(signum) for signum in wanted}
+    for signum, handler in before.items():
+        if handler is not signal.SIG_IGN:  # ignored (nohup, a supervisor's choice) stays ignored
+            signal.signal(signum, stop)
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)  # one that came meanwhile is delivered now
+        try:
+            return _import_tasks(config)
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    except _StoppedWhileImporting as exc:
+        raise typer.Exit(128 + exc.signum) from None
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 @app.command()
 def start(
     config: Path = ConfigOption,
@@ -128,7 +161,7 @@ def _launch(cfg: Config, bind: Optional[str], keys: Optional[Path], insecure: bo
         from runner.display import Display
         from runner.wire import zeromq as wire
 
-        _import_tasks(cfg)
+        _import_tasks_stoppable(cfg)
         address = bind or cfg.run.transport.bind
         idle = [c.name for c in cfg.run.consumers if c.processes == 0]
         if idle and not address:

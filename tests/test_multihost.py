@@ -568,3 +568,12 @@ def test_serve_worker_waits_for_its_run_and_serves_the_next(tmp_path: Path, clea
         assert waiting.process.poll() is None, waiting.stderr
     waiting.process.send_signal(signal.SIGTERM)
     assert waiting.wait(15) == 143
+
+
+def test_an_address_that_cannot_be_connected_to_is_a_usage_error(tmp_path: Path) -> None:
+    """No port, no scheme, a keys folder that cannot be written: one line and exit 2, never a traceback."""
+    for args in (["status", "--connect", "tcp://127.0.0.1"], ["stop", "--connect", "tcp://127.0.0.1"],
+                 ["worker", "--connect", "127.0.0.1:5555", "--insecure", "--give-up", "5"], ["keys", "generate", "/proc/nope"]):
+        done = runner_cli(*args, cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr, (args, done.stdout, done.stderr)
+        assert "cannot connect to" in done.stderr + done.stdout or "cannot write keys" in done.stderr, (args, done.stderr)

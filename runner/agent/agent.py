@@ -28,7 +28,7 @@ import zmq
 from runner import early, logs
 from runner.agent.session import GOODBYE_S, HANDSHAKE_S, Session, SessionEnded
 from runner.backoff import backoff
-from runner.errors import ExitCode, ProtocolError
+from runner.errors import ExitCode, ProtocolError, RunnerError
 from runner.process.watchdog import WATCHDOG_EXTRA_S, Watchdog
 from runner.sdnotify import Notifier
 from runner.wire import host_messages as hm
@@ -78,6 +78,9 @@ class Agent:
         self.notifier.ready(f"joining {self.address}")
         try:
             return self._sessions()
+        except RunnerError as exc:  # the user's input (an address that cannot be connected to): one line
+            self.say(f"error: {exc}")
+            return exc.exit_code
         except Exception as exc:  # the agent itself failed: its session killed its processes; say so and leave
             self.say(f"error: this worker failed ({type(exc).__name__}: {exc}); its processes were stopped and "
                      f"the coordinator runs their jobs again elsewhere. Traceback:\n{traceback.format_exc()}")

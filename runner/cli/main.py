@@ -465,7 +465,10 @@ def keys_generate(
     """Make coordinator.key(_secret), one pair per worker, and authorized/ with the workers' public keys."""
     from runner.wire import zeromq as wire
 
-    made = wire.generate_keys(folder, worker_names or ["worker"])
+    try:
+        made = wire.generate_keys(folder, worker_names or ["worker"])
+    except OSError as exc:
+        raise UsageError(f"cannot write keys in {folder}: {exc.strerror or exc}") from exc
     for path in made:
         typer.echo(str(path))
     typer.echo(f"coordinator: runner start --keys {folder} ...; workers: runner worker --keys {folder} ... "

@@ -288,7 +288,11 @@ def connect_dealer(context: zmq.Context, address: str, keys: WorkerKeys | None) 
         sock.curve_secretkey = keys.secret
         sock.curve_publickey = keys.public
         sock.curve_serverkey = keys.server
-    sock.connect(address)
+    try:
+        sock.connect(address)
+    except zmq.ZMQError as exc:  # no scheme, no port, a name that does not resolve: the user's address
+        sock.close(0)
+        raise UsageError(f"cannot connect to {address!r}: {exc.strerror} (an address looks like tcp://HOST:5555)") from exc
     return sock
 
 

@@ -36,11 +36,16 @@ pytestmark = pytest.mark.timeout(90)
 
 TASKS = TASK_HELPERS + '''
 
+class Unshowable:
+    def __repr__(self):
+        raise RuntimeError("no repr either")
+
+
 def produce(ctx, n=20, gate=None, bad=0):
     if gate:
         wait_file(gate)
     for i in range(bad):
-        yield {"i": -1 - i, "bad": {1, 2}}
+        yield {"i": -1 - i, "bad": {1, 2}} if i else Unshowable()  # msgpack refuses both; the first has no repr
     for i in range(n):
         yield {"i": i}
 
@@ -217,6 +222,7 @@ def test_more_bad_payloads_than_the_queue_holds(folder: Path) -> None:
     assert_each_once(run.results(), range(20))
     dead = run.dead()
     assert len(dead) == 40 and all("not msgpack-encodable" in d["error"] for d in dead)
+    assert "<Unshowable: its repr failed>" in [d["payload"] for d in dead]  # it used to take its batch down with it
     assert len([e for e in run.events("job.failed") if e.get("attempt") == 0]) == 40
 
 

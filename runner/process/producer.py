@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import traceback
@@ -21,6 +22,14 @@ from runner.wire.messages import (
     MAX_FRAME,
     STOP,
 )
+
+
+def _shown(item: Any) -> str:
+    """A refused payload, as the dead file shows it: its repr, or its type if even that fails."""
+    try:
+        return repr(item)[:1000]
+    except Exception:  # a broken __repr__, a nesting too deep for it (RecursionError)
+        return f"<{type(item).__name__}: its repr failed>"
 
 
 class ProducerLoop(ProcessLoop):
@@ -95,7 +104,7 @@ class ProducerLoop(ProcessLoop):
             error = f"payload is not msgpack-encodable: {type(exc).__name__}: {exc}"
         if before:
             self._send_packed(before)
-        self.send([INVALID, clip(error, 8192), repr(item)[:1000]])  # INVALID's size limit is 64 KiB
+        self.send([INVALID, clip(error, 8192), _shown(item)])  # INVALID's size limit is 64 KiB
         self.refund += 1  # under flush_lock; the main thread takes it back (take_refunds)
         return None
 
@@ -126,12 +135,16 @@ class ProducerLoop(ProcessLoop):
 
     def _flusher(self) -> None:
         """Sends a buffer that waited FLUSH_AFTER_S, so a generator that pauses never holds jobs back."""
-        while not self.done.is_set():
-            self.wake.wait()
-            self.wake.clear()
-            if self.done.wait(FLUSH_AFTER_S):
-                return
-            self.flush()
+        try:
+            while not self.done.is_set():
+                self.wake.wait()
+                self.wake.clear()
+                if self.done.wait(FLUSH_AFTER_S):
+                    return
+                self.flush()
+        except BaseException:  # jobs it took from the buffer would be lost unseen: the process ends, as for a crash
+            traceback.print_exc()
+            os._exit(70)
 
     def wait_for_credit(self) -> None:
         self.flush()

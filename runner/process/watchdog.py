@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 #: the watchdog fires this long after the grace (the promise is grace + 5 s; the rest is margin)
 WATCHDOG_EXTRA_S = 4.0
+#: how long the watchdog waits for its last message to be written before it exits all the same
+SAY_WAIT_S = 0.5
 
 
 class Watchdog:
@@ -59,8 +61,16 @@ class Watchdog:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+        message = f"error: {self._who} did not stop within {seconds:g}s of {why}; its processes were killed {self._then}"
+        # best effort: the console may be what is stuck (a terminal paused with Ctrl-S, a pipe nobody reads, its
+        # lock held by the stuck thread), and the exit must not wait for it
+        sayer = threading.Thread(target=self._say_quietly, args=(message,), name="watchdog-say", daemon=True)
+        sayer.start()
+        sayer.join(SAY_WAIT_S)
+        os._exit(code)
+
+    def _say_quietly(self, message: str) -> None:
         try:
-            self._say(f"error: {self._who} did not stop within {seconds:g}s of {why}; its processes were killed {self._then}")
+            self._say(message)
         except Exception:
             pass
-        os._exit(code)

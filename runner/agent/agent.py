@@ -128,6 +128,8 @@ class Agent:
                     delay = backoff(RECONNECT_BASE_S, attempt, RECONNECT_CAP_S, jitter=True)
                 if end.outcome == "done":
                     self.say(f"run over: {end.detail}")
+                    if self.stop_signal is not None:  # told to stop, and the run ended meanwhile: still a stop
+                        return self._stopped()
                     if not self.serve:
                         return ExitCode.OK
                     lost_since, attempt, self.joined = None, 1, False

@@ -282,8 +282,21 @@ def test_ctrl_c_while_processes_start(tmp_path: Path, method: str) -> None:
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     run = Run(tmp_path, process)
     try:
+        # the first pool process (its title set): the others are starting. Not the first child of all: `runner start`
+        # starts the forkserver first thing, while the task modules import, and a Ctrl-C then ends the command with
+        # no run at all (test_failsafe)
         coordinator = psutil.Process(process.pid)
-        wait_for(lambda: coordinator.children(), interval=0.001, what="the first child process")
+
+        def pool_process() -> bool:
+            for child in coordinator.children(recursive=True):
+                try:
+                    if " ".join(child.cmdline()).startswith("runner: "):
+                        return True
+                except psutil.Error:
+                    pass
+            return False
+
+        wait_for(pool_process, interval=0.001, what="the first pool process")
         os.killpg(process.pid, signal.SIGINT)
         assert run.wait(30) == 130, run.stderr[-3000:]
     finally:

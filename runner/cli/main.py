@@ -281,7 +281,8 @@ def check(config: Path = ConfigOption, set_: Optional[list[str]] = SetOption) ->
 def worker(
     connect: str = typer.Option(..., "--connect", help="The coordinator's address, e.g. tcp://coordinator:5555."),
     pool: Optional[list[str]] = typer.Option(None, "--pool", help="Serve this pool (repeatable; default: every consumer pool)."),
-    processes: Optional[int] = typer.Option(None, "--processes", min=1, help="Processes per pool here (default: the pool's `processes`)."),
+    processes: Optional[int] = typer.Option(None, "--processes", min=1, max=1024,  # host_messages.MAX_HOST_PROCESSES
+                                            help="Processes per pool here (default: the pool's `processes`)."),
     name: Optional[str] = typer.Option(None, "--name", help="This host's name in the run (default: the host name)."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="CURVE keys folder: <name>.key_secret or worker.key_secret, and coordinator.key."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback address without CURVE keys (warns)."),

@@ -157,13 +157,19 @@ def test_a_bad_listen_address_is_a_config_error(folder: Path) -> None:
     assert "--dashboard: expected HOST:PORT" in run.stderr
 
 
-def test_healthz_is_503_when_the_loop_has_not_turned_for_5_seconds(tmp_path: Path) -> None:
-    """The HTTP side alone (real objects, a real socket): it judges the loop by the time of its last turn."""
+def _http_side_alone(tmp_path: Path, serve: str) -> tuple[Monitor, Web]:
+    """The HTTP side alone (real objects, a real socket on a free port): `serve` is metrics or dashboard."""
     cfg = RunConfig.model_validate({"name": "h", "producers": [{"name": "p", "task": "t:p"}], "consumers": [{"name": "c", "task": "t:c"}],
-                                    "metrics": {"listen": "127.0.0.1:0"}})
+                                    serve: {"listen": "127.0.0.1:0"}})
     monitor = Monitor("h-1", cfg, str(tmp_path / "h.jsonl"), enabled=True)
     web = Web(cfg, monitor, tmp_path / "h.jsonl")
     web.start()
+    return monitor, web
+
+
+def test_healthz_is_503_when_the_loop_has_not_turned_for_5_seconds(tmp_path: Path) -> None:
+    """The HTTP side alone (real objects, a real socket): it judges the loop by the time of its last turn."""
+    monitor, web = _http_side_alone(tmp_path, "metrics")
     try:
         assert web.metrics_url is not None
         port = int(web.metrics_url.split(":")[2].split("/")[0])
@@ -180,11 +186,7 @@ def test_healthz_is_503_when_the_loop_has_not_turned_for_5_seconds(tmp_path: Pat
 def test_requests_the_handlers_do_not_foresee_get_an_answer_and_no_traceback(tmp_path: Path, capfd: Any) -> None:
     """A NUL in a static path (no token needed), a job id of digits int() refuses: each gets its answer, and
     the HTTP thread never prints a traceback on the run's console."""
-    cfg = RunConfig.model_validate({"name": "h", "producers": [{"name": "p", "task": "t:p"}], "consumers": [{"name": "c", "task": "t:c"}],
-                                    "dashboard": {"listen": "127.0.0.1:0"}})
-    monitor = Monitor("h-1", cfg, str(tmp_path / "h.jsonl"), enabled=True)
-    web = Web(cfg, monitor, tmp_path / "h.jsonl")
-    web.start()
+    _, web = _http_side_alone(tmp_path, "dashboard")
     try:
         assert web.dashboard_url is not None
         base, token = web.dashboard_url.split("?token=")

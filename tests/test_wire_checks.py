@@ -109,6 +109,13 @@ def test_bad_control_request_gets_an_error_reply(tmp_path: Path, cleanup: list) 
     exactly_once(run, 10)
 
 
+def _forging_run(name: str) -> dict[str, Any]:
+    """20 jobs, one a batch, 2 consumers that may forge frames on their pipe (tasks:consume), 2 retries."""
+    return {"name": name, "producers": [{"name": "prod", "task": "tasks:produce", "params": {"n": 20}}],
+            "consumers": [{"name": "work", "task": "tasks:consume", "processes": 2, "retries": 2, "retry_backoff": "10ms"}],
+            "results": "results.jsonl", "logs": {"dir": "logs"}, "start_method": "fork", "queue": {"batch": 1}}
+
+
 def test_local_process_sending_a_malformed_frame_is_killed_and_its_jobs_rerun(tmp_path: Path) -> None:
     tasks = '''
 import time
@@ -126,10 +133,7 @@ def consume(ctx, job):
         time.sleep(60)  # killed for it while this job runs: the job is charged, as for any crash
     return {"i": job["i"]}
 '''
-    cfg = {"name": "bad", "producers": [{"name": "prod", "task": "tasks:produce", "params": {"n": 20}}],
-           "consumers": [{"name": "work", "task": "tasks:consume", "processes": 2, "retries": 2, "retry_backoff": "10ms"}],
-           "results": "results.jsonl", "logs": {"dir": "logs"}, "start_method": "fork", "queue": {"batch": 1}}
-    run = run_config(tmp_path, cfg, tasks=tasks, timeout=90)
+    run = run_config(tmp_path, _forging_run("bad"), tasks=tasks, timeout=90)
     assert run.process.returncode == 0, run.stderr[-2000:]
     errors = run.events("protocol.error")
     assert errors and "kind 6" in errors[0]["error"], errors
@@ -163,10 +167,7 @@ def consume(ctx, job):
         time.sleep(60)  # killed for it while this job runs
     return {"i": job["i"]}
 '''
-    cfg = {"name": "twice", "producers": [{"name": "prod", "task": "tasks:produce", "params": {"n": 20}}],
-           "consumers": [{"name": "work", "task": "tasks:consume", "processes": 2, "retries": 2, "retry_backoff": "10ms"}],
-           "results": "results.jsonl", "logs": {"dir": "logs"}, "start_method": "fork", "queue": {"batch": 1}}
-    run = run_config(tmp_path, cfg, tasks=tasks, timeout=90)
+    run = run_config(tmp_path, _forging_run("twice"), tasks=tasks, timeout=90)
     assert run.process.returncode == 0, run.stderr[-2000:]
     errors = sorted(e["error"] for e in run.events("protocol.error"))
     assert len(errors) == 2 and all("exactly one result or failure" in e for e in errors), errors

@@ -440,7 +440,7 @@ def test_a_job_hanging_in_per_batch_timing_is_the_one_charged(folder: Path) -> N
 def test_a_signal_while_a_task_module_imports_ends_the_command(folder: Path, signum: int, code: int) -> None:
     """A task module slow to import (a database, a model): a stop must not wait for its whole import. Nothing
     has started yet, so the command ends there, 128 + signal, no traceback (it used to start the run first)."""
-    tasks = TASKS.replace("import", "import pathlib, time\npathlib.Path('importing').touch()\ntime.sleep(60)\nimport", 1)
+    tasks = TASKS + "\nmark('importing')\nwait_file('never', 60)  # at import: a module that takes its time\n"
     run = start_run(folder, basic_config(), tasks=tasks)
     try:
         wait_for(lambda: (folder / "importing").exists() or run.process.poll() is not None, timeout=60, what="the slow import")

@@ -80,6 +80,10 @@ def _warn_damage(damage: Damage) -> None:
         sys.stderr.write(f"warning: {message}\n")
 
 
+#: what reading a log line of a shape the runner never writes raises (valid JSON, wrong types)
+_SHAPE_ERRORS = (TypeError, ValueError, KeyError, AttributeError)
+
+
 @contextmanager
 def _reading(damage: Damage) -> Iterator[None]:
     """Usage mistakes become exit 2; a closed pipe (`| head`) ends quietly; damage is reported once at the end."""
@@ -95,7 +99,7 @@ def _reading(damage: Damage) -> Iterator[None]:
         raise typer.Exit(130) from None
     except OSError as exc:  # a log file or folder this user may not read
         _fail(f"cannot read {exc.filename or 'the logs'}: {exc.strerror or exc}")
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # JSON of a shape the runner never writes
+    except _SHAPE_ERRORS as exc:  # JSON of a shape the runner never writes
         _fail(f"a log line of an unexpected shape (not written by this runner as it is): {type(exc).__name__}: {exc}")
     finally:
         _warn_damage(damage)
@@ -129,7 +133,7 @@ def _run_info_or_warn(path: Path) -> Any:
         return run_info(path)
     except OSError as exc:
         sys.stderr.write(f"warning: cannot read {path}: {exc.strerror or exc}; left out\n")
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+    except _SHAPE_ERRORS as exc:
         sys.stderr.write(f"warning: {path} has a line of an unexpected shape ({type(exc).__name__}: {exc}); left out\n")
     return None
 

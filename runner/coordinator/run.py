@@ -559,7 +559,9 @@ class Coordinator:
         done without its result line, would break the exactly-once promise). With a results file, every
         job of [start, done) is there; without, the failures are distinct."""
         if results is not None or self.files.wants_results:
-            indexes = sorted([r[0] for r in results or ()] + [f[0] for f in failures])
+            indexes = [r[0] for r in results or ()]  # in index order as a consumer sends them
+            if failures:
+                indexes = sorted(indexes + [f[0] for f in failures])
             if indexes != list(range(start, done)):
                 raise ProtocolError(f"report for batch {batch_id} does not give each of jobs {start}..{done - 1} "
                                     "exactly one result or failure")

@@ -5,6 +5,6 @@
 """
 
 from runner.logs.contract import CONTEXT_KEYS, EVENTS, HOST, LEVELS, RESERVED_PREFIXES
-from runner.logs.writer import RunLog, configure, dumps, dumps_line, human, iso_now
+from runner.logs.writer import RunLog, configure, dumps, dumps_line, human, iso_now, loggable
 
-__all__ = ["CONTEXT_KEYS", "EVENTS", "HOST", "LEVELS", "RESERVED_PREFIXES", "RunLog", "configure", "dumps", "dumps_line", "human", "iso_now"]
+__all__ = ["CONTEXT_KEYS", "EVENTS", "HOST", "LEVELS", "RESERVED_PREFIXES", "RunLog", "configure", "dumps", "dumps_line", "human", "iso_now", "loggable"]

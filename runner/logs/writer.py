@@ -105,24 +105,24 @@ def dumps_line(line: dict[str, Any]) -> bytes:
 
 def _json_text(line: dict[str, Any], ensure_ascii: bool) -> str:
     """What orjson refused, through json; what json refuses too (a bytes or tuple key, which a msgpack map
-    from a task may hold) with such keys as their repr: a line is always written, never raised."""
+    from a task may hold) made loggable (such keys as their repr): a line is always written, never raised."""
     try:
         return json.dumps(line, ensure_ascii=ensure_ascii, default=_json_default, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError):
-        return json.dumps(_jsonable(line), ensure_ascii=ensure_ascii, default=_json_default, separators=(",", ":"))
+        return json.dumps(loggable(line), ensure_ascii=ensure_ascii, default=_json_default, separators=(",", ":"))
 
 
-def _jsonable(value: Any, depth: int = 0) -> Any:
-    """`value` with every map key JSON can hold (str, int, float, bool, None) kept and the others as their
-    repr; nesting beyond 64 levels as repr."""
-    if isinstance(value, dict):
-        if depth >= 64:
-            return repr(value)
-        return {key if key is None or isinstance(key, (str, int, float, bool)) else repr(key): _jsonable(item, depth + 1)
-                for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return repr(value) if depth >= 64 else [_jsonable(item, depth + 1) for item in value]
-    return value
+def loggable(value: Any, depth: int = 0) -> Any:
+    """`value` made of what msgpack and JSON both hold (str keys, 64-bit ints, nesting < 32); the rest as repr."""
+    if value is None or isinstance(value, (bool, float, str, bytes)):
+        return value
+    if isinstance(value, int):
+        return value if -(1 << 63) <= value < (1 << 64) else repr(value)
+    if depth < 32 and isinstance(value, (list, tuple)):
+        return [loggable(item, depth + 1) for item in value]
+    if depth < 32 and isinstance(value, dict):
+        return {key if isinstance(key, str) else repr(key): loggable(item, depth + 1) for key, item in value.items()}
+    return repr(value)
 
 
 _LEVEL_STYLE = {"debug": "dim", "info": "cyan", "warning": "yellow", "error": "bold red", "critical": "bold red"}

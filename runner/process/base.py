@@ -20,6 +20,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from runner import logs
+from runner.logs import loggable
 from runner.process import stacks
 from runner.process.context import Context, import_task
 from runner.wire import messages as protocol
@@ -55,19 +56,6 @@ MAX_ERROR = 64 * 1024
 
 def clip(text: str, limit: int = MAX_ERROR) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters cut)"
-
-
-def loggable(value: Any, depth: int = 0) -> Any:
-    """`value` made of what msgpack and JSON both hold (str keys, 64-bit ints, nesting < 32); the rest as repr."""
-    if value is None or isinstance(value, (bool, float, str, bytes)):
-        return value
-    if isinstance(value, int):
-        return value if -(1 << 63) <= value < (1 << 64) else repr(value)
-    if depth < 32 and isinstance(value, (list, tuple)):
-        return [loggable(item, depth + 1) for item in value]
-    if depth < 32 and isinstance(value, dict):
-        return {key if isinstance(key, str) else repr(key): loggable(item, depth + 1) for key, item in value.items()}
-    return repr(value)
 
 
 #: ctx.heartbeat(**progress) sends its progress to the coordinator at most this often

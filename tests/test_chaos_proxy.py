@@ -99,12 +99,17 @@ def test_chaos_between_a_worker_and_the_coordinator(tmp_path: Path, cleanup: lis
     proxy.start()
     assert proxy.ready.wait(10)
     try:
-        cfg = config(n=300, work=0.005, local=0)
+        # the last 50 jobs are made once the proxy is quiet: the run, and its goodbye, outlast the chaos. On a fast
+        # machine the run ended inside it, a duplicated message had just reset the worker, and the worker (not
+        # told the run was over) tried to join again until --give-up
+        quiet = tmp_path / "quiet"
+        cfg = config(n=300, work=0.005, local=0, gate=quiet, gate_after=250)
         cfg["consumers"][0]["processes"] = 0
         run = coordinator(tmp_path, cleanup, cfg, "--bind", back, "--insecure")
         remote = worker(tmp_path, cleanup, front, "hostb", "--processes", "2", "--insecure", "--give-up", "60")
         wait_for(lambda: proxy.quiet() or run.process.poll() is not None, timeout=90, what="the chaos stretch over")
-        assert run.process.poll() is None or run.process.returncode == 0, run.proc.stderr[-3000:]
+        assert run.process.poll() is None, run.proc.stderr[-3000:]
+        quiet.touch()
         finish(run, remote, timeout=90)
         exactly_once(run, 300)
     finally:

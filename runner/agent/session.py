@@ -241,6 +241,10 @@ class Session:
             if proc is not None and frame is not None:
                 self.procs.send(proc, frame)
         elif isinstance(message, hm.Spawn):
+            if self.agent.stop_signal is not None:
+                # leaving: no new process. The coordinator restarts the ones our stop ended, and one started now
+                # would take jobs and keep this host in the run; what it would have held goes back with our BYE
+                return
             spec = self._local_spec({**self.specs.get(message.pool, {}), **message.spec})
             self.procs.start(message.worker, message.pool, message.role, message.index, spec)
         elif isinstance(message, hm.Signal):
